@@ -1,0 +1,542 @@
+"""Datasets: bundled ones, CSV/Parquet/NPZ files, preprocessing, splits, tensors on a device.
+
+Preprocessing is fitted on the training split only and kept as plain state (lists of
+numbers and strings) so a model file can carry it and load with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from automl.errors import DataError
+from automl.spaces import BUNDLED_DATASETS, DataSpec
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+
+log = logging.getLogger(__name__)
+
+Task = Literal["classification", "regression"]
+MAX_CLASSES_AUTO = 20  # an integer target with at most this many values is a class label
+
+
+@dataclass
+class Preprocessor:
+    """Imputation, scaling and one-hot encoding, as plain state."""
+
+    numeric: list[str] = field(default_factory=list)
+    medians: list[float] = field(default_factory=list)
+    means: list[float] = field(default_factory=list)
+    scales: list[float] = field(default_factory=list)
+    categorical: list[str] = field(default_factory=list)
+    modes: list[str] = field(default_factory=list)
+    categories: list[list[str]] = field(default_factory=list)
+    target: str | None = None
+    task: Task = "classification"
+    classes: list[Any] = field(default_factory=list)  # original label values, sorted
+    y_mean: float = 0.0
+    y_std: float = 1.0
+    image_shape: list[int] | None = None  # C, H, W when the input is an image
+
+    @property
+    def n_features(self) -> int:
+        return len(self.numeric) + sum(len(c) for c in self.categories)
+
+    @property
+    def feature_columns(self) -> list[str]:
+        return [*self.numeric, *self.categorical]
+
+    def fit(self, frame: pd.DataFrame) -> Preprocessor:
+        """Fit scikit-learn's imputers, scaler and one-hot encoder on ``frame`` (the
+        training split) and keep what they learned as plain lists."""
+        import pandas as pd
+        from sklearn.impute import SimpleImputer
+        from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+        self.numeric, self.categorical = [], []
+        for col in frame.columns:
+            series = frame[col]
+            if pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series):
+                self.numeric.append(str(col))
+            else:
+                self.categorical.append(str(col))
+        self.medians, self.means, self.scales = [], [], []
+        if self.numeric:
+            values = _numeric_block(frame, self.numeric)
+            imputer = SimpleImputer(strategy="median", keep_empty_features=True).fit(values)
+            scaler = StandardScaler().fit(imputer.transform(values))
+            self.medians = [float(v) for v in imputer.statistics_]
+            self.means = [float(v) for v in scaler.mean_]
+            self.scales = [float(v) for v in scaler.scale_]  # 1.0 for constant columns
+        self.modes, self.categories = [], []
+        if self.categorical:
+            for col in self.categorical:
+                if frame[col].isna().all():
+                    raise DataError(
+                        f"column '{col}' has no values in the training split; "
+                        f"drop it with data.drop: [{col}]"
+                    )
+            text = _text_block(frame, self.categorical)
+            modes = SimpleImputer(strategy="most_frequent").fit(text)
+            encoder = OneHotEncoder(handle_unknown="ignore").fit(modes.transform(text))
+            self.modes = [str(v) for v in modes.statistics_]
+            self.categories = [[str(c) for c in cats] for cats in encoder.categories_]
+            for col, cats in zip(self.categorical, self.categories, strict=True):
+                if len(cats) > 1000:
+                    raise DataError(
+                        f"column '{col}' has {len(cats)} distinct text values and cannot be "
+                        f"one-hot encoded sensibly; drop it with data.drop: [{col}]"
+                    )
+        return self
+
+    def transform(self, frame: pd.DataFrame) -> np.ndarray:
+        """Features as float32, in the order fixed by ``fit``."""
+        missing = [c for c in self.feature_columns if c not in frame.columns]
+        if missing:
+            raise DataError(
+                f"the data lacks feature column(s) {', '.join(missing)} that the model needs"
+            )
+        n = len(frame)
+        parts: list[np.ndarray] = []
+        if self.numeric:
+            values = _numeric_block(frame, self.numeric)
+            medians = np.asarray(self.medians, dtype=np.float64)
+            values = np.where(np.isnan(values), medians, values)
+            block = (values - np.asarray(self.means)) / np.asarray(self.scales)
+            parts.append(block)
+        text = _text_block(frame, self.categorical) if self.categorical else None
+        for j, _col in enumerate(self.categorical):
+            assert text is not None
+            column = text[:, j]
+            strings = np.where(_is_missing(column), self.modes[j], column)
+            index = {c: i for i, c in enumerate(self.categories[j])}
+            block = np.zeros((n, len(index)), dtype=np.float64)
+            for row, value in enumerate(strings):
+                i = index.get(value)  # unknown categories are all zeros
+                if i is not None:
+                    block[row, i] = 1.0
+            parts.append(block)
+        out = np.concatenate(parts, axis=1) if parts else np.zeros((n, 0))
+        return out.astype(np.float32)
+
+    def encode_target(self, values: np.ndarray) -> np.ndarray:
+        if self.task == "classification":
+            index = {_label_key(c): i for i, c in enumerate(self.classes)}
+            try:
+                return np.array([index[_label_key(v)] for v in values], dtype=np.int64)
+            except KeyError as exc:
+                raise DataError(f"unknown class label {exc.args[0]!r} in the target") from None
+        y = values.astype(np.float64)
+        return ((y - self.y_mean) / self.y_std).astype(np.float32)
+
+    def decode_target(self, encoded: np.ndarray) -> np.ndarray:
+        if self.task == "classification":
+            return np.array(self.classes, dtype=object)[encoded]
+        return encoded.astype(np.float64) * self.y_std + self.y_mean
+
+    def to_state(self) -> dict[str, Any]:
+        """Plain, ``weights_only``-loadable state."""
+        state = dict(self.__dict__)
+        state["classes"] = [_plain(c) for c in self.classes]
+        return state
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Preprocessor:
+        return cls(**{k: v for k, v in state.items() if k in cls.__dataclass_fields__})
+
+
+def _numeric_block(frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
+    """Numeric columns as float64 with NaN for anything missing, non-numeric or infinite."""
+    import pandas as pd
+
+    block = np.empty((len(frame), len(columns)), dtype=np.float64)
+    for j, col in enumerate(columns):
+        numbers = pd.to_numeric(frame[col], errors="coerce")
+        block[:, j] = numbers.to_numpy(dtype=np.float64, na_value=np.nan)
+    block[~np.isfinite(block)] = np.nan
+    return block
+
+
+def _text_block(frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
+    """Categorical columns as an object array of strings, NaN where missing."""
+    block = np.empty((len(frame), len(columns)), dtype=object)
+    for j, col in enumerate(columns):
+        series = frame[col]
+        present = series.notna().to_numpy()
+        column = np.full(len(series), np.nan, dtype=object)
+        column[present] = series[present].astype(str).to_numpy()
+        block[:, j] = column
+    return block
+
+
+def _is_missing(column: np.ndarray) -> np.ndarray:
+    return np.array([isinstance(v, float) and math.isnan(v) for v in column], dtype=bool)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _label_key(value: Any) -> Any:
+    value = _plain(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+@dataclass
+class Dataset:
+    """Preprocessed splits as numpy arrays (features float32; targets encoded)."""
+
+    name: str
+    task: Task
+    preprocessor: Preprocessor
+    X_train: np.ndarray
+    y_train: np.ndarray
+    X_val: np.ndarray
+    y_val: np.ndarray
+    X_test: np.ndarray
+    y_test: np.ndarray
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.preprocessor.classes) if self.task == "classification" else 0
+
+    @property
+    def n_features(self) -> int:
+        return int(self.X_train.shape[1])
+
+    @property
+    def n_outputs(self) -> int:
+        return self.n_classes if self.task == "classification" else 1
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        shape = self.preprocessor.image_shape
+        return tuple(shape) if shape else (self.n_features,)
+
+
+@dataclass
+class DeviceData:
+    """Splits as tensors on one device, shaped for the model."""
+
+    X_train: torch.Tensor
+    y_train: torch.Tensor
+    X_val: torch.Tensor
+    y_val: torch.Tensor
+    task: Task
+    n_outputs: int
+    input_shape: tuple[int, ...]
+    y_std: float = 1.0
+
+
+def _bundled_frame(name: str) -> tuple[pd.DataFrame, pd.Series, list[int] | None]:
+    from sklearn import datasets
+
+    loader = getattr(datasets, f"load_{name}")
+    bunch = loader(as_frame=True)
+    frame = bunch.frame.drop(columns=[bunch.target.name])
+    image_shape = [1, 8, 8] if name == "digits" else None
+    return frame, bunch.target, image_shape
+
+
+def read_table(path: str | Path) -> tuple[pd.DataFrame, list[int] | None]:
+    """Read a CSV, Parquet or NPZ file into a frame; NPZ images are flattened."""
+    import pandas as pd
+
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{p}: no such data file; check data.path (relative to the space file)")
+    if p.is_dir():
+        raise DataError(f"{p}: is a folder, not a data file")
+    suffix = p.suffix.lower()
+    try:
+        if suffix in (".csv", ".txt", ".tsv"):
+            sep = "\t" if suffix == ".tsv" else ","
+            try:
+                frame = pd.read_csv(p, sep=sep)
+            except pd.errors.EmptyDataError:
+                raise DataError(f"{p}: the file is empty; it needs a header and rows") from None
+            if frame.empty:
+                raise DataError(f"{p}: has a header but no rows")
+            frame.columns = [str(c).strip() for c in frame.columns]
+            return frame, None
+        if suffix in (".parquet", ".pq"):
+            frame = pd.read_parquet(p)
+            if frame.empty:
+                raise DataError(f"{p}: has no rows")
+            frame.columns = [str(c) for c in frame.columns]
+            return frame, None
+        if suffix == ".npz":
+            return _read_npz(p)
+    except DataError:
+        raise
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{p}: cannot read the data file: it is not UTF-8 text ({exc.reason} at byte "
+            f"{exc.start}); save it as UTF-8"
+        ) from None
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"{p}: cannot read the data file: {first}") from None
+    except Exception as exc:  # pyarrow and friends raise their own types
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"{p}: cannot read the data file: {first}") from None
+    raise DataError(f"{p}: unsupported file type '{suffix}'; use .csv, .parquet or .npz")
+
+
+def _read_npz(p: Path) -> tuple[pd.DataFrame, list[int] | None]:
+    import pandas as pd
+
+    with np.load(p, allow_pickle=False) as arrays:
+        if "X" not in arrays:
+            raise DataError(f"{p}: an NPZ file needs an array named X (and y for training)")
+        X = np.asarray(arrays["X"])
+        y = np.asarray(arrays["y"]) if "y" in arrays else None
+    if X.ndim not in (2, 3, 4) or X.shape[0] == 0:
+        raise DataError(f"{p}: X must be NxF, NxHxW or NxCxHxW with N > 0, got {X.shape}")
+    if not np.issubdtype(X.dtype, np.number):
+        raise DataError(f"{p}: X must be numeric, got dtype {X.dtype}")
+    image_shape: list[int] | None = None
+    if X.ndim == 3:
+        image_shape = [1, int(X.shape[1]), int(X.shape[2])]
+    elif X.ndim == 4:
+        image_shape = [int(s) for s in X.shape[1:]]
+    flat = X.reshape(X.shape[0], -1).astype(np.float32)
+    frame = pd.DataFrame(flat, columns=[f"x{i}" for i in range(flat.shape[1])])
+    if y is not None:
+        if y.shape[0] != X.shape[0]:
+            raise DataError(f"{p}: X has {X.shape[0]} rows but y has {y.shape[0]}")
+        frame["y"] = y.reshape(y.shape[0], -1)[:, 0] if y.ndim > 1 else y
+    return frame, image_shape
+
+
+def infer_task(target: pd.Series) -> Task:
+    """The ``task: auto`` rule: text, booleans or categories are classes; numbers that are
+    all integers with at most 20 distinct values are classes; other numbers are regression.
+    """
+    import pandas as pd
+
+    values = target.dropna()
+    if not pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
+        return "classification"
+    as_float = values.astype(np.float64)
+    if np.all(np.mod(as_float, 1) == 0) and values.nunique() <= MAX_CLASSES_AUTO:
+        return "classification"
+    return "regression"
+
+
+def load_frame(spec: DataSpec) -> tuple[str, pd.DataFrame, pd.Series, list[int] | None]:
+    """The raw features and target of a data spec, before any split."""
+    if spec.dataset is not None:
+        frame, target, image_shape = _bundled_frame(spec.dataset)
+        return spec.dataset, frame, target, image_shape
+    assert spec.path is not None
+    frame, image_shape = read_table(spec.path)
+    target_col = spec.target or ("y" if image_shape is not None or "y" in frame.columns else None)
+    if target_col is None:
+        raise DataError(
+            f"{spec.path}: say which column to predict with data.target "
+            f"(columns: {', '.join(map(str, frame.columns[:10]))})"
+        )
+    if target_col not in frame.columns:
+        import difflib
+
+        columns = [str(c) for c in frame.columns]
+        same = [c for c in columns if c.lower() == target_col.lower()]  # 'mpg' for 'MPG'
+        close = same or difflib.get_close_matches(target_col, columns, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise DataError(f"{spec.path}: target column '{target_col}' is not in the file{hint}")
+    missing_drop = [c for c in spec.drop if c not in frame.columns]
+    if missing_drop:
+        raise DataError(f"{spec.path}: data.drop names unknown column(s) {', '.join(missing_drop)}")
+    target = frame[target_col]
+    n_missing = int(target.isna().sum())
+    if n_missing == len(target):
+        raise DataError(f"{spec.path}: target column '{target_col}' is entirely empty")
+    features = frame.drop(columns=[target_col, *spec.drop])
+    if n_missing:
+        log.warning(
+            "dropped %d row(s) of %s whose target '%s' is missing", n_missing, spec.path, target_col
+        )
+        keep = target.notna().to_numpy()
+        features, target = features[keep], target[keep]
+    features = features.reset_index(drop=True)
+    target = target.reset_index(drop=True)
+    if features.shape[1] == 0:
+        raise DataError(f"{spec.path}: no feature columns left after the target and data.drop")
+    empty_cols = [str(c) for c in features.columns if features[c].isna().all()]
+    if empty_cols:
+        raise DataError(
+            f"{spec.path}: column(s) {', '.join(empty_cols)} are entirely empty; "
+            f"drop them with data.drop"
+        )
+    return Path(spec.path).stem, features, target, image_shape
+
+
+def load_dataset(spec: DataSpec, *, seed: int = 0) -> Dataset:
+    """Load, split (stratified for classes, seeded) and preprocess (fitted on train only)."""
+    import pandas as pd
+
+    name, features, target, image_shape = load_frame(spec)
+    task: Task = (
+        spec.task
+        if spec.task != "auto"
+        else (BUNDLED_DATASETS[spec.dataset] if spec.dataset else infer_task(target))
+    )
+    if task == "regression" and not pd.api.types.is_numeric_dtype(target):
+        converted = pd.to_numeric(target, errors="coerce")
+        if converted.isna().any():
+            raise DataError(
+                f"{name}: task is regression but the target has non-numeric values; "
+                "use task: classification"
+            )
+        target = converted
+    n = len(target)
+    n_test = math.floor(n * spec.test) if spec.test > 0 else 0
+    n_val = math.floor(n * spec.validation)
+    if n_val < 1 or n - n_val - n_test < 2:
+        raise DataError(
+            f"{name}: {n} rows are too few for validation={spec.validation} "
+            f"and test={spec.test}; give more rows or larger fractions"
+        )
+    stratify = None
+    if task == "classification":
+        counts = target.astype(str).value_counts()
+        if len(counts) < 2:
+            raise DataError(
+                f"{name}: the target has a single class ({counts.index[0]!r}); "
+                "classification needs at least two"
+            )
+        if counts.min() >= 2 and n_val >= len(counts) and (n_test == 0 or n_test >= len(counts)):
+            stratify = target.astype(str).to_numpy()
+    indices = np.arange(n)
+    rng_seed = int(seed) % (2**32)
+    from sklearn.model_selection import train_test_split
+
+    try:
+        rest, test_idx = (
+            train_test_split(
+                indices,
+                test_size=n_test,
+                random_state=rng_seed,
+                stratify=stratify,
+            )
+            if n_test
+            else (indices, indices[:0])
+        )
+        strat_rest = stratify[rest] if stratify is not None else None
+        if strat_rest is not None and min(np.unique(strat_rest, return_counts=True)[1]) < 2:
+            strat_rest = None
+        train_idx, val_idx = train_test_split(
+            rest, test_size=n_val, random_state=rng_seed, stratify=strat_rest
+        )
+    except ValueError as exc:
+        raise DataError(f"{name}: cannot split the data: {exc}") from None
+
+    pre = Preprocessor(target=str(target.name) if target.name is not None else None, task=task)
+    pre.image_shape = image_shape
+    pre.fit(features.iloc[train_idx])
+    if task == "classification":
+        labels = target.to_numpy()
+        pre.classes = sorted({_label_key(v) for v in labels}, key=lambda v: (str(type(v)), v))
+    else:
+        y_train = target.iloc[train_idx].to_numpy(dtype=np.float64)
+        pre.y_mean = float(y_train.mean())
+        std = float(y_train.std())
+        pre.y_std = std if std > 1e-12 else 1.0
+    X = pre.transform(features)
+    if image_shape is not None and X.shape[1] != int(np.prod(image_shape)):
+        raise DataError(f"{name}: image inputs cannot have text columns")
+    y = pre.encode_target(target.to_numpy())
+    return Dataset(
+        name=name,
+        task=task,
+        preprocessor=pre,
+        X_train=X[train_idx],
+        y_train=y[train_idx],
+        X_val=X[val_idx],
+        y_val=y[val_idx],
+        X_test=X[test_idx],
+        y_test=y[test_idx],
+    )
+
+
+def to_device(
+    dataset: Dataset, device: str, *, model: str = "mlp", include_val_in_train: bool = False
+) -> DeviceData:
+    """Move the splits to ``device`` once; a CNN gets image-shaped tensors."""
+    import torch
+
+    if model == "cnn" and dataset.preprocessor.image_shape is None:
+        raise DataError(
+            f"{dataset.name}: cnn needs image-shaped input, but X is a table of "
+            f"{dataset.n_features} features; use model: mlp, or save X as NxHxW or NxCxHxW"
+        )
+    shape = dataset.input_shape if model == "cnn" else (dataset.n_features,)
+    X_train, y_train = dataset.X_train, dataset.y_train
+    if include_val_in_train:
+        X_train = np.concatenate([X_train, dataset.X_val])
+        y_train = np.concatenate([y_train, dataset.y_val])
+
+    def tensor(a: np.ndarray, target: bool) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        if not target:
+            t = t.reshape((a.shape[0], *shape))
+        return t.to(device)
+
+    return DeviceData(
+        X_train=tensor(X_train, False),
+        y_train=tensor(y_train, True),
+        X_val=tensor(dataset.X_val, False),
+        y_val=tensor(dataset.y_val, True),
+        task=dataset.task,
+        n_outputs=dataset.n_outputs,
+        input_shape=shape,
+        y_std=dataset.preprocessor.y_std,
+    )
+
+
+def resolve_device(requested: str = "auto") -> str:
+    """``auto`` picks cuda, then mps, then cpu; a device that does not exist is an error."""
+    import torch
+
+    from automl.errors import DeviceError
+
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return "mps"
+        return "cpu"
+    if requested == "cpu":
+        return "cpu"
+    if requested == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise DeviceError("device 'mps' is not available here; use --device cpu or auto")
+        return "mps"
+    if requested == "cuda" or requested.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise DeviceError(
+                f"device '{requested}' is not available: no CUDA GPU here; use --device cpu or auto"
+            )
+        if ":" in requested:
+            index = requested.split(":", 1)[1]
+            if not index.isdigit() or int(index) >= torch.cuda.device_count():
+                raise DeviceError(
+                    f"device '{requested}' does not exist: this machine has "
+                    f"{torch.cuda.device_count()} CUDA device(s)"
+                )
+        return requested
+    raise DeviceError(f"unknown device '{requested}'; use auto, cpu, cuda, cuda:N or mps")

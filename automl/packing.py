@@ -1,0 +1,1034 @@
+"""Training K compatible trials at once as one fused model (``automl run --pack K``).
+
+Small models leave a device mostly idle: each step is a handful of tiny matrix products
+and a lot of Python. Packing stacks the parameters of K trials along a leading "member"
+axis and trains them as one model (batched matmuls, HFTA, MLSys 2021):
+
+- every member keeps its own initial weights (built exactly as the sequential path builds
+  them, from the trial's seed), its own batch order (its own permutation generator) and
+  its own dropout/noise draws (its own generator, in the sequential path's order), so a
+  member's loss curve matches the same configuration trained alone up to float rounding;
+- hidden widths differ: narrower members are zero-padded to the widest; a padded unit has
+  zero weights in and out, so its output and all its gradients stay exactly zero;
+- per-member losses are summed, so each member's gradients are its own; the optimizers
+  are written as tensor ops over the stacked parameters with per-member hyperparameters
+  as tensors (SGD, Adam, AdamW, RMSprop, Adagrad, Adadelta, AdaBound), members with
+  different optimizers each updated by their own;
+- members are reported, pruned, early-stopped or diverge on their own; a member that ends
+  is dropped from the stacks at the end of the epoch.
+
+Configurations that cannot be fused (CNNs, batch norm, mixup, amsgrad, centered RMSprop)
+or that have no compatible partner are trained by the sequential path.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from automl.models import ACTIVATIONS, build_model, count_parameters, dropout_mask
+from automl.spaces import TrialConfig
+from automl.training import (
+    TrainResult,
+    TrialDiverged,
+    compute_metrics,
+    objective_value,
+    scheduled_lr,
+)
+
+if TYPE_CHECKING:
+    import optuna
+
+    from automl.data import DeviceData
+    from automl.training import EpochHook
+
+log = logging.getLogger(__name__)
+
+FUSED_OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad", "adadelta", "adabound")
+
+# --------------------------------------------------------------------------- grouping
+
+
+def group_key(config: TrialConfig) -> tuple[Any, ...] | None:
+    """What members of one fused group must share; None when ``config`` cannot be fused.
+
+    Widths, optimizers and their hyperparameters, dropout, noise, L1, weight decay and
+    schedules may differ inside a group."""
+    params = config.optimizer_params
+    if (
+        config.model != "mlp"
+        or config.batch_norm
+        or config.mixup_alpha > 0
+        or config.optimizer not in FUSED_OPTIMIZERS
+        or params.get("amsgrad")
+        or params.get("centered")
+    ):
+        return None
+    return (
+        config.n_layers,
+        config.activation,
+        config.loss,
+        tuple(sorted(config.loss_params.items())),
+        config.batch_size,
+        config.epochs,
+    )
+
+
+def group_configs(
+    configs: Sequence[TrialConfig], *, max_size: int | None = None
+) -> tuple[list[list[int]], list[int]]:
+    """Split indices of ``configs`` into fused groups (two members or more, at most
+    ``max_size``) and the ones left to train alone, both in ask order."""
+    by_key: dict[tuple[Any, ...], list[int]] = {}
+    alone: list[int] = []
+    for i, config in enumerate(configs):
+        key = group_key(config)
+        if key is None:
+            alone.append(i)
+        else:
+            by_key.setdefault(key, []).append(i)
+    groups: list[list[int]] = []
+    for members in by_key.values():
+        size = max_size or len(members)
+        for start in range(0, len(members), size):
+            chunk = members[start : start + size]
+            if len(chunk) > 1:
+                groups.append(chunk)
+            else:
+                alone.extend(chunk)
+    return groups, sorted(alone)
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class FusedMLP:
+    """K MLPs of the same depth as stacked tensors: weights (K, out, in), biases (K, 1, out)."""
+
+    def __init__(
+        self,
+        configs: Sequence[TrialConfig],
+        input_shape: Sequence[int],
+        n_outputs: int,
+        device: torch.device,
+    ) -> None:
+        first = configs[0]
+        self.n_layers = first.n_layers
+        self.activation = ACTIVATIONS[first.activation]()
+        n_features = math.prod(int(s) for s in input_shape)
+        width = max(c.hidden_units for c in configs)
+        dims = [n_features] + [width] * self.n_layers + [n_outputs]
+        k = len(configs)
+        weights = [torch.zeros(k, dims[i + 1], dims[i]) for i in range(len(dims) - 1)]
+        biases = [torch.zeros(k, 1, dims[i + 1]) for i in range(len(dims) - 1)]
+        self.generators: list[torch.Generator] = []
+        self.keys: list[list[tuple[str, str]]] = []  # per member: (weight, bias) state keys
+        self.n_params: list[int] = []
+        for m, config in enumerate(configs):
+            # Exactly the sequential path's initialisation (training.train): seed, build.
+            torch.manual_seed(config.seed)
+            model = build_model(config, input_shape, n_outputs)
+            self.generators.append(_member_generator(config.seed, device))
+            self.n_params.append(count_parameters(model))
+            names = []
+            linears = [(n, mod) for n, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+            for layer, (name, linear) in enumerate(linears):
+                out, inp = linear.weight.shape
+                weights[layer][m, :out, :inp] = linear.weight.detach()
+                biases[layer][m, 0, :out] = linear.bias.detach()
+                names.append((f"{name}.weight", f"{name}.bias"))
+            self.keys.append(names)
+        self.widths = [c.hidden_units for c in configs]
+        self.weights = [w.to(device).requires_grad_() for w in weights]
+        self.biases = [b.to(device).requires_grad_() for b in biases]
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return [*self.weights, *self.biases]
+
+    def forward(self, x: torch.Tensor, masks: Sequence[torch.Tensor | None] = ()) -> torch.Tensor:
+        """``x`` is (K, B, F) (one batch per member) or (B, F) (shared); out (K, B, C)."""
+        h = x
+        for layer, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            h = (
+                torch.matmul(h, w.transpose(1, 2))
+                if h.dim() == 2
+                else torch.bmm(h, w.transpose(1, 2))
+            )
+            h = h + b
+            if layer < self.n_layers:
+                h = self.activation(h)
+                mask = masks[layer] if layer < len(masks) else None
+                if mask is not None:
+                    h = h * mask
+        return h
+
+    def weight_l1(self) -> torch.Tensor:
+        """Per member, the sum of absolute weights (biases excluded), as in models.weight_l1."""
+        return torch.stack([w.abs().sum(dim=(1, 2)) for w in self.weights]).sum(dim=0)
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep only the members at ``index`` (their order)."""
+        self.weights = [w.detach()[index].requires_grad_() for w in self.weights]
+        self.biases = [b.detach()[index].requires_grad_() for b in self.biases]
+        rows = index.tolist()
+        self.generators = [self.generators[i] for i in rows]
+        self.keys = [self.keys[i] for i in rows]
+        self.n_params = [self.n_params[i] for i in rows]
+        self.widths = [self.widths[i] for i in rows]
+
+    def member_state(self, m: int) -> dict[str, torch.Tensor]:
+        """Member ``m``'s weights as the state dict of its own ``build_model`` module."""
+        state: dict[str, torch.Tensor] = {}
+        for layer, (wkey, bkey) in enumerate(self.keys[m]):
+            out = self.widths[m] if layer < self.n_layers else self.weights[layer].shape[1]
+            inp = self.weights[layer].shape[2] if layer == 0 else self.widths[m]
+            state[wkey] = self.weights[layer][m, :out, :inp].detach().clone()
+            state[bkey] = self.biases[layer][m, 0, :out].detach().clone()
+        return state
+
+
+def _member_generator(seed: int, device: torch.device) -> torch.Generator:
+    """The generator a member draws dropout and noise from: on CPU a copy of the global
+    RNG right after its model was built (what the sequential path draws from next)."""
+    if device.type == "cpu":
+        gen = torch.Generator()
+        gen.set_state(torch.get_rng_state())
+        return gen
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- losses
+
+FusedLoss = Callable[[torch.Tensor, torch.Tensor, dict[str, Any]], torch.Tensor]
+
+
+def _flat_ce(out: torch.Tensor, y: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:
+    k, b, c = out.shape
+    target = y.reshape(k * b, -1) if y.dtype.is_floating_point else y.reshape(-1)
+    loss = F.cross_entropy(
+        out.reshape(k * b, c),
+        target,
+        label_smoothing=float(kw.get("label_smoothing", 0.0)),
+        reduction="none",
+    )
+    return loss.view(k, b).mean(dim=1)
+
+
+def _flat_nll(out: torch.Tensor, y: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:
+    k, b, c = out.shape
+    logp = out.log_softmax(dim=2)
+    return F.nll_loss(logp.reshape(k * b, c), y.reshape(-1), reduction="none").view(k, b).mean(1)
+
+
+def _onehot(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return y if y.dtype.is_floating_point else F.one_hot(y, out.shape[-1]).to(out.dtype)
+
+
+def _probs(fn: Callable[..., torch.Tensor]) -> FusedLoss:
+    def loss(out: torch.Tensor, y: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:
+        per = fn(out.softmax(dim=2), _onehot(out, y), reduction="none", **kw)
+        return per.mean(dim=(1, 2))
+
+    return loss
+
+
+def _flat_bce(out: torch.Tensor, y: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:
+    per = F.binary_cross_entropy_with_logits(out, _onehot(out, y), reduction="none")
+    return per.mean(dim=(1, 2))
+
+
+def _regression(fn: Callable[..., torch.Tensor], *, with_kw: bool) -> FusedLoss:
+    def loss(out: torch.Tensor, y: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:
+        extra = kw if with_kw else {}
+        return fn(out.squeeze(-1), y, reduction="none", **extra).mean(dim=1)
+
+    return loss
+
+
+FUSED_CLASSIFICATION_LOSSES: dict[str, FusedLoss] = {
+    "cross_entropy": _flat_ce,
+    "nll": _flat_nll,
+    "mse": _probs(F.mse_loss),
+    "huber": _probs(F.huber_loss),
+    "l1": _probs(F.l1_loss),
+    "smooth_l1": _probs(F.smooth_l1_loss),
+    "bce": _flat_bce,
+}
+FUSED_REGRESSION_LOSSES: dict[str, FusedLoss] = {
+    "mse": _regression(F.mse_loss, with_kw=False),
+    "huber": _regression(F.huber_loss, with_kw=True),
+    "l1": _regression(F.l1_loss, with_kw=False),
+    "smooth_l1": _regression(F.smooth_l1_loss, with_kw=True),
+}
+
+
+# --------------------------------------------------------------------------- optimizers
+
+# Each optimizer's defaults, as torch's (and training.AdaBound's).
+_DEFAULTS: dict[str, dict[str, float]] = {
+    "sgd": {"momentum": 0.0, "dampening": 0.0, "nesterov": 0.0, "weight_decay": 0.0},
+    "adam": {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0},
+    "adamw": {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 1e-2},
+    "rmsprop": {"alpha": 0.99, "eps": 1e-8, "momentum": 0.0, "weight_decay": 0.0},
+    "adagrad": {"lr_decay": 0.0, "eps": 1e-10, "weight_decay": 0.0},
+    "adadelta": {"rho": 0.9, "eps": 1e-6, "weight_decay": 0.0},
+    "adabound": {
+        "beta1": 0.9,
+        "beta2": 0.999,
+        "eps": 1e-8,
+        "weight_decay": 0.0,
+        "final_lr": 0.1,
+        "gamma": 1e-3,
+    },
+}
+
+
+def _hyper(config: TrialConfig) -> dict[str, float]:
+    """The member's optimizer hyperparameters with torch's defaults filled in, after the
+    sequential path's own adjustments (training.build_optimizer)."""
+    params = dict(config.optimizer_params)
+    out = {
+        name: float(params.get(name, default))
+        for name, default in _DEFAULTS[config.optimizer].items()
+    }
+    out["lr"] = float(params["lr"])
+    if config.optimizer == "sgd":
+        if out["nesterov"] and not out["momentum"]:
+            out["nesterov"] = 0.0
+        if out["nesterov"] and out["dampening"]:
+            out["dampening"] = 0.0
+    return out
+
+
+class FusedOptimizer:
+    """One optimizer over stacked parameters whose hyperparameters are per-member tensors.
+
+    The update formulas are torch's single-tensor ones (and training.AdaBound's), so a
+    member follows the path it would follow alone up to float rounding."""
+
+    def __init__(
+        self, name: str, configs: Sequence[TrialConfig], params: Sequence[torch.Tensor]
+    ) -> None:
+        self.name = name
+        self.hyper = [_hyper(c) for c in configs]
+        self.base_lrs = [h["lr"] for h in self.hyper]
+        self.lrs = list(self.base_lrs)
+        self.step_count = 0
+        self.state: list[dict[str, torch.Tensor]] = [{} for _ in params]
+        self.device = params[0].device
+        self.dtype = params[0].dtype
+
+    def set_lrs(self, lrs: Sequence[float]) -> None:
+        self.lrs = list(lrs)
+
+    def keep(self, index: torch.Tensor) -> None:
+        rows = index.tolist()
+        self.hyper = [self.hyper[i] for i in rows]
+        self.base_lrs = [self.base_lrs[i] for i in rows]
+        self.lrs = [self.lrs[i] for i in rows]
+        self.state = [{k: v[index] for k, v in s.items()} for s in self.state]
+
+    def _get(self, key: str) -> list[float]:
+        return [h[key] for h in self.hyper]
+
+    @torch.no_grad()
+    def step(self, params: Sequence[torch.Tensor]) -> None:
+        self.step_tensors(params, [p.grad for p in params])
+
+    @torch.no_grad()
+    def step_tensors(
+        self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]
+    ) -> None:
+        """Update ``params`` in place from ``grads`` (one row per member)."""
+        self.step_count += 1
+        coeffs = self._coefficients(self.step_count)
+        decay = coeffs.get("wd") if self.name != "adamw" else None
+        update = getattr(self, f"_{self.name}")
+        for p, g, state in zip(params, grads, self.state, strict=True):
+            if g is None:
+                continue
+            if decay is not None:
+                g = g + decay * p
+            update(p, g, state, coeffs)
+
+    def _coefficients(self, t: int) -> dict[str, torch.Tensor]:
+        """The per-member scalars of step ``t`` as (K, 1, 1) tensors, computed in double
+        precision like torch's Python floats and moved to the device in one transfer."""
+        lr = self.lrs
+        h = self.hyper
+        c: dict[str, list[float]] = {"lr": lr}
+        wd = self._get("weight_decay")
+        if any(wd):
+            c["wd"] = wd
+        if self.name in ("adam", "adamw", "adabound"):
+            b1, b2 = self._get("beta1"), self._get("beta2")
+            c["b1"], c["b2"] = b1, b2
+            c["1-b1"], c["1-b2"] = [1 - b for b in b1], [1 - b for b in b2]
+            c["eps"] = self._get("eps")
+            bc1 = [1 - b**t for b in b1]
+            bc2 = [1 - b**t for b in b2]
+            if self.name == "adabound":
+                c["step_size"] = [
+                    lr_ * math.sqrt(b) / a for lr_, a, b in zip(lr, bc1, bc2, strict=True)
+                ]
+                finals = [
+                    x["final_lr"] * lr_ / base
+                    for x, lr_, base in zip(h, lr, self.base_lrs, strict=True)
+                ]
+                c["lower"] = [
+                    f * (1 - 1 / (x["gamma"] * t + 1)) for f, x in zip(finals, h, strict=True)
+                ]
+                c["upper"] = [
+                    f * (1 + 1 / (x["gamma"] * t)) for f, x in zip(finals, h, strict=True)
+                ]
+            else:
+                c["-step_size"] = [-lr_ / a for lr_, a in zip(lr, bc1, strict=True)]
+                c["bc2_sqrt"] = [math.sqrt(b) for b in bc2]
+            if self.name == "adamw":
+                c["decay"] = [1 - lr_ * x["weight_decay"] for lr_, x in zip(lr, h, strict=True)]
+        elif self.name == "sgd":
+            m = self._get("momentum")
+            c["m"] = m
+            c["1-d"] = [1 - x["dampening"] for x in h]
+            c["nesterov"] = self._get("nesterov")
+            c["has_m"] = [1.0 if v else 0.0 for v in m]
+        elif self.name == "rmsprop":
+            a = self._get("alpha")
+            c["a"], c["1-a"] = a, [1 - v for v in a]
+            c["eps"] = self._get("eps")
+            c["m"] = self._get("momentum")
+        elif self.name == "adagrad":
+            c["clr"] = [lr_ / (1 + (t - 1) * x["lr_decay"]) for lr_, x in zip(lr, h, strict=True)]
+            c["eps"] = self._get("eps")
+        elif self.name == "adadelta":
+            rho = self._get("rho")
+            c["rho"], c["1-rho"] = rho, [1 - r for r in rho]
+            c["eps"] = self._get("eps")
+        table = torch.tensor(list(c.values()), dtype=torch.float64).to(self.dtype)
+        table = table.to(self.device).view(len(c), -1, 1, 1)
+        return dict(zip(c, table, strict=True))
+
+    def _adam(
+        self,
+        p: torch.Tensor,
+        g: torch.Tensor,
+        s: dict[str, torch.Tensor],
+        c: dict[str, torch.Tensor],
+    ) -> None:
+        if not s:
+            s["m"], s["v"] = torch.zeros_like(p), torch.zeros_like(p)
+        m, v = s["m"], s["v"]
+        m.lerp_(g, c["1-b1"])
+        v.mul_(c["b2"]).addcmul_(g, g * c["1-b2"])
+        denom = (v.sqrt() / c["bc2_sqrt"]).add_(c["eps"])
+        p.addcdiv_(m * c["-step_size"], denom)
+
+    def _adamw(
+        self,
+        p: torch.Tensor,
+        g: torch.Tensor,
+        s: dict[str, torch.Tensor],
+        c: dict[str, torch.Tensor],
+    ) -> None:
+        p.mul_(c["decay"])
+        self._adam(p, g, s, c)
+
+    def _adabound(
+        self,
+        p: torch.Tensor,
+        g: torch.Tensor,
+        s: dict[str, torch.Tensor],
+        c: dict[str, torch.Tensor],
+    ) -> None:
+        if not s:
+            s["m"], s["v"] = torch.zeros_like(p), torch.zeros_like(p)
+        m, v = s["m"], s["v"]
+        m.mul_(c["b1"]).add_(g * c["1-b1"])
+        v.mul_(c["b2"]).addcmul_(g, g * c["1-b2"])
+        step = (c["step_size"] / (v.sqrt() + c["eps"])).clamp_(c["lower"], c["upper"])
+        p.add_(-step * m)
+
+    def _sgd(
+        self,
+        p: torch.Tensor,
+        g: torch.Tensor,
+        s: dict[str, torch.Tensor],
+        c: dict[str, torch.Tensor],
+    ) -> None:
+        if "buf" not in s:
+            s["buf"] = g.clone()
+        else:
+            s["buf"].mul_(c["m"]).add_(g * c["1-d"])
+        buf = s["buf"]
+        nesterov = g + c["m"] * buf
+        direction = torch.where(c["nesterov"] > 0, nesterov, buf)
+        direction = torch.where(c["has_m"] > 0, direction, g)
+        p.sub_(c["lr"] * direction)
+
+    def _rmsprop(
+        self,
+        p: torch.Tensor,
+        g: torch.Tensor,
+        s: dict[str, torch.Tensor],
+        c: dict[str, torch.Tensor],
+    ) -> None:
+        if not s:
+            s["sq"], s["buf"] = torch.zeros_like(p), torch.zeros_like(p)
+        sq, buf = s["sq"], s["buf"]
+        sq.mul_(c["a"]).addcmul_(g, g * c["1-a"])
+        avg = sq.sqrt().add_(c["eps"])
+        buf.mul_(c["m"]).add_(g / avg)
+        p.sub_(c["lr"] * buf)
+
+    def _adagrad(
+        self,
+        p: torch.Tensor,
+        g: torch.Tensor,
+        s: dict[str, torch.Tensor],
+        c: dict[str, torch.Tensor],
+    ) -> None:
+        if not s:
+            s["sum"] = torch.zeros_like(p)
+        s["sum"].addcmul_(g, g)
+        std = s["sum"].sqrt().add_(c["eps"])
+        p.sub_(c["clr"] * (g / std))
+
+    def _adadelta(
+        self,
+        p: torch.Tensor,
+        g: torch.Tensor,
+        s: dict[str, torch.Tensor],
+        c: dict[str, torch.Tensor],
+    ) -> None:
+        if not s:
+            s["sq"], s["acc"] = torch.zeros_like(p), torch.zeros_like(p)
+        sq, acc = s["sq"], s["acc"]
+        sq.mul_(c["rho"]).addcmul_(g, g * c["1-rho"])
+        std = sq.add(c["eps"]).sqrt_()
+        delta = acc.add(c["eps"]).sqrt_().div_(std).mul_(g)
+        acc.mul_(c["rho"]).addcmul_(delta, delta * c["1-rho"])
+        p.sub_(c["lr"] * delta)
+
+
+class MixedOptimizer:
+    """Members with different optimizers in one fused model: a FusedOptimizer per
+    optimizer, each updating its members' rows of the stacked parameters."""
+
+    def __init__(self, configs: Sequence[TrialConfig], params: Sequence[torch.Tensor]) -> None:
+        names = [c.optimizer for c in configs]
+        self.device = params[0].device
+        self.parts: list[tuple[list[int], FusedOptimizer]] = []
+        for name in dict.fromkeys(names):
+            rows = [i for i, n in enumerate(names) if n == name]
+            self.parts.append((rows, FusedOptimizer(name, [configs[i] for i in rows], params)))
+        self._index_rows()
+
+    def _index_rows(self) -> None:
+        self.k = sum(len(rows) for rows, _ in self.parts)
+        self._index = [torch.tensor(rows, device=self.device) for rows, _ in self.parts]
+
+    def _per_member(self, attr: str) -> list[float]:
+        out = [0.0] * self.k
+        for rows, opt in self.parts:
+            for row, value in zip(rows, getattr(opt, attr), strict=True):
+                out[row] = value
+        return out
+
+    @property
+    def base_lrs(self) -> list[float]:
+        return self._per_member("base_lrs")
+
+    @property
+    def lrs(self) -> list[float]:
+        return self._per_member("lrs")
+
+    def set_lrs(self, lrs: Sequence[float]) -> None:
+        for rows, opt in self.parts:
+            opt.set_lrs([lrs[i] for i in rows])
+
+    def keep(self, index: torch.Tensor) -> None:
+        position = {old: new for new, old in enumerate(index.tolist())}
+        parts = []
+        for rows, opt in self.parts:
+            local = [j for j, row in enumerate(rows) if row in position]
+            if local:
+                opt.keep(torch.tensor(local, device=self.device))
+                parts.append(([position[rows[j]] for j in local], opt))
+        self.parts = parts
+        self._index_rows()
+
+    @torch.no_grad()
+    def step(self, params: Sequence[torch.Tensor]) -> None:
+        if len(self.parts) == 1:
+            self.parts[0][1].step(params)
+            return
+        for (_, opt), index in zip(self.parts, self._index, strict=True):
+            rows = [p.detach().index_select(0, index) for p in params]
+            grads = [None if p.grad is None else p.grad.index_select(0, index) for p in params]
+            opt.step_tensors(rows, grads)
+            for p, updated in zip(params, rows, strict=True):
+                p.detach().index_copy_(0, index, updated)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class PackedResult(TrainResult):
+    """A member's TrainResult, plus its weights at the best epoch (state-dict form)."""
+
+    best_state: dict[str, torch.Tensor] | None = None
+    group_size: int = 1
+
+
+@dataclass
+class _Member:
+    config: TrialConfig
+    hook: EpochHook | None
+    perm_generator: torch.Generator
+    history: list[dict[str, float]] = field(default_factory=list)
+    tracked: list[float] = field(default_factory=list)
+    best_value: float = math.inf
+    best_epoch: int = 0
+    waited: int = 0
+    first_loss: float | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+
+
+def train_packed(
+    configs: Sequence[TrialConfig],
+    data: DeviceData,
+    *,
+    objective: str = "val_loss",
+    patience: int = 0,
+    on_epoch: Sequence[EpochHook | None] | None = None,
+    keep_state: bool = True,
+) -> list[PackedResult | Exception]:
+    """Train compatible ``configs`` (see ``group_key``) as one fused model.
+
+    ``on_epoch[m](epoch, metrics)`` is member m's hook, as in ``training.train`` (it may
+    raise, e.g. TrialPruned, to end that member). Returns per member its PackedResult, or
+    the exception that ended it (TrialDiverged, TrialPruned, ...). A BaseException that is
+    not an Exception (a stop signal) ends the whole group and propagates."""
+    if not configs:
+        return []
+    keys = {group_key(c) for c in configs}
+    if None in keys or len(keys) != 1:
+        raise ValueError("train_packed needs configurations that share one group_key")
+    first = configs[0]
+    device = data.X_train.device
+    table = (
+        FUSED_CLASSIFICATION_LOSSES if data.task == "classification" else FUSED_REGRESSION_LOSSES
+    )
+    loss_fn = table[first.loss]
+    hooks = list(on_epoch) if on_epoch is not None else [None] * len(configs)
+    members = [
+        _Member(c, hook, torch.Generator().manual_seed(c.seed))
+        for c, hook in zip(configs, hooks, strict=True)
+    ]
+    model = FusedMLP(configs, data.input_shape, data.n_outputs, device)
+    optimizer = MixedOptimizer(configs, model.params)
+    results: list[PackedResult | Exception | None] = [None] * len(configs)
+    alive = list(range(len(configs)))  # original indices of the members still training
+    n_params = list(model.n_params)
+    watch = objective if objective.startswith("val_") else "val_loss"
+    started = time.perf_counter()
+    n = data.X_train.shape[0]
+    bs = first.batch_size
+    for epoch in range(first.epochs):
+        live = [members[i] for i in alive]
+        optimizer.set_lrs(
+            [
+                scheduled_lr(m.config, epoch, base, m.tracked)
+                for m, base in zip(live, optimizer.base_lrs, strict=True)
+            ]
+        )
+        train_loss = _run_fused_epoch(model, optimizer, loss_fn, data, live, n, bs)
+        out = _validate(model, data)
+        ended: set[int] = set()
+        for row, index in enumerate(alive):
+            member = members[index]
+            try:
+                metrics = _epoch_metrics(out[row], data, train_loss[row], epoch, member)
+                metrics["lr"] = optimizer.lrs[row]
+                member.history.append(metrics)
+                value = objective_value(metrics, watch)
+                member.tracked.append(value)
+                if value < member.best_value:
+                    member.best_value, member.best_epoch, member.waited = value, epoch, 0
+                    if keep_state:
+                        member.best_state = model.member_state(row)
+                else:
+                    member.waited += 1
+                if member.hook is not None:
+                    member.hook(epoch, metrics)
+            except Exception as exc:  # pruned, diverged, or the hook failed: this member ends
+                results[index] = exc
+                ended.add(index)
+                continue
+            if patience and member.waited >= patience:
+                results[index] = _result(
+                    member, n_params[index], started, len(configs), stopped=True
+                )
+                ended.add(index)
+        if ended:
+            rows = [row for row, index in enumerate(alive) if index not in ended]
+            alive = [alive[row] for row in rows]
+            if not alive:
+                break
+            keep = torch.tensor(rows, dtype=torch.long, device=device)
+            model.keep(keep)
+            optimizer.keep(keep)
+    for index in alive:
+        results[index] = _result(
+            members[index], n_params[index], started, len(configs), stopped=False
+        )
+    return [r if r is not None else RuntimeError("member did not finish") for r in results]
+
+
+def _run_fused_epoch(
+    model: FusedMLP,
+    optimizer: MixedOptimizer,
+    loss_fn: FusedLoss,
+    data: DeviceData,
+    live: Sequence[_Member],
+    n: int,
+    bs: int,
+) -> list[float]:
+    """One epoch of every live member; each member's mean training loss."""
+    device = data.X_train.device
+    perms = torch.stack([torch.randperm(n, generator=m.perm_generator) for m in live]).to(device)
+    configs = [m.config for m in live]
+    dropouts = [c.dropout for c in configs]
+    noises = [c.noise_std for c in configs]
+    l1 = torch.tensor([c.l1 for c in configs], dtype=data.X_train.dtype, device=device)
+    use_l1 = bool(l1.any())
+    loss_params = configs[0].loss_params
+    total = torch.zeros(len(live), device=device)
+    n_batches = 0
+    for start in range(0, n, bs):
+        idx = perms[:, start : start + bs]
+        x = data.X_train[idx]
+        y = data.y_train[idx]
+        b = idx.shape[1]
+        x = x.reshape(len(live), b, -1)
+        if any(noises):
+            x = x + _member_noise(model, noises, x)
+        masks = _dropout_masks(model, dropouts, b)
+        out = model.forward(x, masks)
+        losses = loss_fn(out, y, loss_params)
+        objective = losses
+        if use_l1:
+            objective = losses + l1 * model.weight_l1()
+        for p in model.params:
+            p.grad = None
+        objective.sum().backward()
+        optimizer.step(model.params)
+        total += objective.detach()  # with the L1 term, as the sequential loss
+        n_batches += 1
+    return (total / max(n_batches, 1)).tolist()
+
+
+def _member_noise(model: FusedMLP, noises: Sequence[float], x: torch.Tensor) -> torch.Tensor:
+    """Gaussian input noise, each member from its own generator (sequential order)."""
+    rows = []
+    for m, std in enumerate(noises):
+        if std > 0:
+            draw = torch.randn(x.shape[1:], generator=model.generators[m], device=x.device)
+            rows.append(std * draw)
+        else:
+            rows.append(torch.zeros(x.shape[1:], device=x.device, dtype=x.dtype))
+    return torch.stack(rows)
+
+
+def _dropout_masks(model: FusedMLP, dropouts: Sequence[float], b: int) -> list[torch.Tensor | None]:
+    """Per hidden layer a (K, B, H) mask scaled by 1/(1-p), drawn per member from its own
+    generator exactly as models.Dropout draws it alone, layer after layer (one draw per
+    member: the generator's stream is the same); None without dropout."""
+    if not any(p > 0 for p in dropouts):
+        return [None] * model.n_layers
+    weight = model.weights[0]
+    n_layers, width = model.n_layers, weight.shape[1]
+    masks = torch.ones(n_layers, len(dropouts), b, width, device=weight.device, dtype=weight.dtype)
+    for m, p in enumerate(dropouts):
+        w = model.widths[m]
+        if w < width:
+            masks[:, m, :, w:] = 0.0
+        if p <= 0:
+            continue
+        n = b * w
+        words = (n + 3) // 4
+        draw = dropout_mask(
+            (n_layers, words * 4),
+            p,
+            device=weight.device,
+            dtype=weight.dtype,
+            generator=model.generators[m],
+        )
+        masks[:, m, :, :w] = draw[:, :n].reshape(n_layers, b, w)
+    return list(masks.unbind(0))
+
+
+@torch.no_grad()
+def _validate(model: FusedMLP, data: DeviceData) -> torch.Tensor:
+    x = data.X_val.reshape(data.X_val.shape[0], -1)
+    return model.forward(x)
+
+
+def _epoch_metrics(
+    out: torch.Tensor, data: DeviceData, train_loss: float, epoch: int, member: _Member
+) -> dict[str, float]:
+    """The member's epoch metrics, with the sequential path's NaN/explosion guards."""
+    if not math.isfinite(train_loss):
+        raise TrialDiverged(f"training loss became {train_loss} at epoch {epoch + 1}")
+    if member.first_loss is None:
+        member.first_loss = train_loss
+    elif train_loss > 1e4 * max(member.first_loss, 1e-3):
+        raise TrialDiverged(
+            f"training loss exploded to {train_loss:.3g} at epoch {epoch + 1} "
+            f"(from {member.first_loss:.3g})"
+        )
+    metrics = compute_metrics(out, data.y_val, data.task, data.n_outputs, data.y_std)
+    if not all(math.isfinite(v) for v in metrics.values()):
+        raise TrialDiverged(f"validation metrics became non-finite at epoch {epoch + 1}")
+    metrics["train_loss"] = train_loss
+    return metrics
+
+
+def _result(
+    member: _Member, n_params: int, started: float, size: int, *, stopped: bool
+) -> PackedResult:
+    # A member's share of the group's time: what it cost, amortised over the group.
+    seconds = (time.perf_counter() - started) / size
+    best = dict(member.history[member.best_epoch])
+    best["n_params"] = float(n_params)
+    best["train_seconds"] = seconds
+    return PackedResult(
+        metrics=best,
+        history=member.history,
+        epochs_run=len(member.history),
+        best_epoch=member.best_epoch,
+        n_params=n_params,
+        train_seconds=seconds,
+        stopped_early=stopped,
+        best_state=member.best_state,
+        group_size=size,
+    )
+
+
+# --------------------------------------------------------------------------- the run loop
+
+
+def run_packed(run: Any) -> None:
+    """The packed trial loop of ``studies.run_study`` (``--pack K``): ask up to K trials,
+    train each compatible group fused and the rest one by one, tell every trial."""
+    from automl.lifecycle import retry_history
+    from automl.studies import _fail_stale_trials
+
+    study = run.study
+    pack = max(1, int(run.options.pack))
+    while (reason := run.stop_reason()) is None:
+        trials: list[optuna.Trial] = []
+        try:
+            with run.stopper.protected():
+                _fail_stale_trials(study)
+                _ask_pack(run, min(pack, _room(run)), trials)
+                for trial in trials:
+                    run.obs.trial_started(trial.number, trial.params)
+            _train_pack(run, trials, retry_history)
+        except BaseException:
+            # A stop signal or a broken storage: no asked trial is left RUNNING (the ones
+            # already told are skipped). One protected block, so that a signal does not
+            # cut this bookkeeping short.
+            with run.stopper.protected():
+                for trial in trials:
+                    _abandon(run, trial)
+            raise
+    run.summary.stop_reason = reason
+
+
+def _train_pack(run: Any, trials: list[optuna.Trial], retry_history: Any) -> None:
+    """Train asked trials: compatible ones fused, the rest (and retries, which resume
+    their checkpoint) one by one; tell each."""
+    from automl.studies import _run_trial
+
+    configs = [run.objective.config_for(t, _original(t)) for t in trials]
+    k = len(trials)
+    fusable = [i for i, t in enumerate(trials) if not retry_history(t)]
+    groups, alone = group_configs([configs[i] for i in fusable])
+    groups = [[fusable[i] for i in g] for g in groups]
+    alone = sorted({*(fusable[i] for i in alone), *(i for i in range(k) if i not in fusable)})
+    for group in groups:
+        _run_group(run, [trials[i] for i in group], [configs[i] for i in group])
+    for i in alone:
+        run.count(_run_trial(run, trials[i]))
+
+
+# Searched names that decide a trial's group (group_key): a pack shares them.
+STRUCTURE = ("n_layers", "batch_size", "loss", "activation", "epochs")
+
+
+def _ask_pack(run: Any, k: int, trials: list[optuna.Trial]) -> None:
+    """Ask ``k`` trials (into ``trials``) that can be fused: the sampler chooses the first
+    trial freely; the other k-1 are enqueued with its structure (depth, batch size, loss,
+    activation; see STRUCTURE) and the sampler chooses the rest of each (widths,
+    optimizer, learning rate, dropout, ...). Across packs the structure is searched like
+    any parameter. A first trial that cannot be fused (a CNN, batch norm, ...) gets k-1
+    free companions."""
+    study = run.study
+    first = study.ask()
+    trials.append(first)
+    if k == 1:
+        return
+    config = run.objective.config_for(first, _original(first))
+    if group_key(config) is None:
+        for _ in range(k - 1):
+            trials.append(study.ask())
+        return
+    loss_prefix = f"{config.loss}_"
+    fixed = {
+        name: value
+        for name, value in first.params.items()
+        if name in STRUCTURE or name.startswith(loss_prefix)
+    }
+    for _ in range(k - 1):
+        study.enqueue_trial(fixed, skip_if_exists=False)
+        trials.append(study.ask())
+
+
+def _original(trial: optuna.Trial) -> int:
+    from automl.lifecycle import original_number
+
+    return original_number(trial)
+
+
+def _room(run: Any) -> int:
+    """How many more trials this call may start."""
+    from automl.studies import n_finished
+
+    opts = run.options
+    room = []
+    if opts.n_trials is not None:
+        room.append(opts.n_trials - run.summary.n_run)
+    if opts.until is not None:
+        room.append(opts.until - n_finished(run.study))
+    elif run.target is not None:
+        room.append(run.target - run.summary.n_run)
+    return max(1, min(room)) if room else max(1, int(opts.pack))
+
+
+def _run_group(run: Any, trials: Sequence[optuna.Trial], configs: Sequence[TrialConfig]) -> None:
+    """Train one fused group and tell each member's trial its own end."""
+    from contextlib import ExitStack
+
+    from optuna.storages._heartbeat import get_heartbeat_thread
+
+    from automl.checkpoints import Checkpointer
+
+    objective = run.objective
+    hooks = [objective.epoch_hook(t, c) for t, c in zip(trials, configs, strict=True)]
+    with ExitStack() as stack:
+        for trial in trials:
+            beat: Any = get_heartbeat_thread(trial._trial_id, run.study._storage)
+            stack.enter_context(beat)
+        try:
+            results: Sequence[PackedResult | BaseException] = train_packed(
+                configs,
+                objective.data,
+                objective=objective.space.objectives[0],
+                patience=objective.space.train.patience,
+                on_epoch=hooks,
+            )
+        except Exception as exc:  # the group as a whole failed: every member fails
+            first = (str(exc).splitlines() or [""])[0][:200]
+            results = [exc] * len(trials)
+            log.debug("fused group failed: %s", first, exc_info=True)
+    # Every member is told before a signal (deferred to the block's end) or the failure
+    # limit (run.count) may stop the run.
+    told = []
+    with run.stopper.protected():
+        for trial, config, result in zip(trials, configs, results, strict=True):
+            checkpoint = Checkpointer(run.checkpoint_dir, trial.number)
+            outcome = _outcome(run, trial, config, result, checkpoint)
+            told.append(_tell_member(run, trial, checkpoint, outcome))
+    for frozen in told:
+        run.count(frozen)
+
+
+def _outcome(
+    run: Any,
+    trial: optuna.Trial,
+    config: TrialConfig,
+    result: PackedResult | BaseException,
+    checkpoint: Any,
+) -> tuple[Any, list[float] | None, str]:
+    import optuna
+    from optuna.trial import TrialState
+
+    from automl.errors import AutomlError
+
+    if isinstance(result, PackedResult):
+        values = run.objective.finish(trial, config, result)
+        if result.best_state is not None:
+            # The state the sequential path's checkpoint holds, so the study's best
+            # trial keeps its weights (checkpoints.keep_weights) the same way.
+            checkpoint.save(
+                {
+                    "epoch": result.epochs_run - 1,
+                    "model": result.best_state,
+                    "best_epoch": result.best_epoch,
+                }
+            )
+        return TrialState.COMPLETE, values, ""
+    if isinstance(result, optuna.TrialPruned):
+        return TrialState.PRUNED, None, str(result) or "pruned"
+    if isinstance(result, TrialDiverged):
+        return TrialState.PRUNED, None, f"diverged: {result}"
+    if isinstance(result, AutomlError):
+        raise result
+    first = (str(result).splitlines() or [""])[0][:200]
+    return TrialState.FAIL, None, f"{type(result).__name__}: {first}".rstrip(": ")
+
+
+def _tell_member(
+    run: Any, trial: optuna.Trial, checkpoint: Any, outcome: tuple[Any, list[float] | None, str]
+) -> Any:
+    from automl.studies import _tell
+
+    return _tell(run, trial, checkpoint, outcome, interrupted=False)
+
+
+def _abandon(run: Any, trial: optuna.Trial) -> None:
+    """Tell an asked trial that never ran (or was cut off) as failed, queued for a retry."""
+    from optuna.trial import TrialState
+
+    from automl.checkpoints import Checkpointer
+
+    try:
+        state = run.study._storage.get_trial(trial._trial_id).state
+    except Exception:  # the storage itself is gone: nothing more to record
+        return
+    if state.is_finished():
+        return
+    checkpoint = Checkpointer(run.checkpoint_dir, trial.number)
+    with run.stopper.protected():
+        _tell_member_interrupted(run, trial, checkpoint, (TrialState.FAIL, None, "interrupted"))
+    # (studies._tell counts an interrupted trial; run.count's failure limit is not
+    # applied, so that every asked trial is told.)
+
+
+def _tell_member_interrupted(
+    run: Any, trial: optuna.Trial, checkpoint: Any, outcome: tuple[Any, list[float] | None, str]
+) -> Any:
+    from automl.studies import _tell
+
+    return _tell(run, trial, checkpoint, outcome, interrupted=True)

@@ -1,0 +1,571 @@
+"""Retrain a trial into one model file, and predict with it.
+
+A model file is a plain dict saved with ``torch.save``: tensors, numbers, strings, lists
+and dicts only, so ``torch.load(path, weights_only=True)`` reads it without unpickling
+any object. It holds the weights, the trial's configuration, the preprocessing state and
+where it came from (study, trial, storage with the password masked).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from automl.errors import AutomlError, DataError, UsageError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import optuna
+    import pandas as pd
+    import torch
+    from optuna.trial import FrozenTrial
+
+    from automl.data import Dataset, Preprocessor
+    from automl.spaces import Space, TrialConfig
+
+log = logging.getLogger(__name__)
+
+MODEL_FORMAT = "automl-model"
+MODEL_VERSION = 1
+
+
+class ParetoTrialRequired(UsageError):
+    """A multi-objective study has no single best trial: the user must pick one."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        super().__init__(
+            f"study '{study.study_name}' has several objectives; "
+            "pick a trial on its Pareto front with --trial N"
+        )
+        self.study = study
+
+
+# --------------------------------------------------------------------------- choosing
+
+
+def pick_trial(study: optuna.Study, number: int | None = None) -> FrozenTrial:
+    """The trial to retrain: ``number``, else the best (single objective only)."""
+    from optuna.trial import TrialState
+
+    if number is None:
+        if len(study.directions) > 1:
+            raise ParetoTrialRequired(study)
+        try:
+            return study.best_trial
+        except ValueError:
+            raise UsageError(
+                f"study '{study.study_name}' has no complete trial yet; run it first"
+            ) from None
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    if number not in trials:
+        last = max(trials) if trials else None
+        span = f"0..{last}" if last is not None else "none yet"
+        raise UsageError(f"study '{study.study_name}' has no trial #{number} (trials: {span})")
+    trial = trials[number]
+    if trial.state != TrialState.COMPLETE:
+        raise UsageError(
+            f"trial #{number} is {trial.state.name.lower()}, not complete; "
+            "retrain a complete trial (see automl show --state complete)"
+        )
+    return trial
+
+
+def study_space(study: optuna.Study) -> Space:
+    """The space the study was created with, its data path made usable from here."""
+    import yaml
+
+    from automl.spaces import parse_space
+
+    text = study.user_attrs.get("space")
+    if not text:
+        raise UsageError(
+            f"study '{study.study_name}' was not created by automl (no 'space' attribute); "
+            "retrain needs the space file it ran"
+        )
+    space_file = study.user_attrs.get("space_file")
+    space = parse_space(yaml.safe_load(text), file=space_file or "(study space)", source=text)
+    if space.data.path is None:
+        return space
+    from dataclasses import replace
+
+    path = _find_data_file(space.data.path, study.user_attrs)
+    return replace(space, data=space.data.model_copy(update={"path": path}))
+
+
+def _find_data_file(written: str, attrs: dict[str, Any]) -> str:
+    """The study's data file: its absolute path at creation, else as written (relative to
+    the space file, then to the working directory)."""
+    candidates = [attrs.get("data_path")]
+    if attrs.get("space_file"):
+        candidates.append(str(Path(attrs["space_file"]).parent / written))
+    candidates.append(written)
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file():
+            return str(candidate)
+    raise DataError(
+        f"the study's data file {attrs.get('data_path') or written} is not here any more; "
+        "retrain needs the same data the search used"
+    )
+
+
+def data_seed(study: optuna.Study, trial: FrozenTrial, space: Space) -> int:
+    """The seed the search split its data with (``run --seed``, else ``study.seed``).
+
+    Each trial stores its own seed, derived from the run seed and its number; the run seed
+    is found again from it so that a ``--seed`` given to ``run`` is honoured."""
+    from automl.objective import trial_seed
+
+    stored = trial.user_attrs.get("data_seed", study.user_attrs.get("data_seed"))
+    if isinstance(stored, int):
+        return stored
+    own = trial.user_attrs.get("seed")
+    base = space.study.seed or 0
+    if not isinstance(own, int) or trial_seed(base, trial.number) == own:
+        return base
+    modulus = 2**31 - 1  # prime: trial_seed is invertible modulo it
+    candidate = ((own - trial.number) * pow(1_000_003, -1, modulus)) % modulus
+    if trial_seed(candidate, trial.number) == own:
+        return candidate
+    log.warning("cannot tell the search's data seed; using the space's seed %d", base)
+    return base
+
+
+def trial_config(study: optuna.Study, trial: FrozenTrial, space: Space) -> TrialConfig:
+    """Rebuild the trial's full configuration from its parameters."""
+    import optuna
+
+    from automl.spaces import suggest
+
+    seed = trial.user_attrs.get("seed", 0)
+    try:
+        return suggest(optuna.trial.FixedTrial(trial.params), space, seed=int(seed))
+    except ValueError as exc:
+        raise UsageError(
+            f"trial #{trial.number} does not fit the study's space any more: {exc}"
+        ) from None
+
+
+def retrain_epochs(trial: FrozenTrial, config: TrialConfig) -> int:
+    """The epoch at which the trial scored its value (else the epochs it ran)."""
+    for key in ("best_epoch", "epochs_run"):
+        value = trial.user_attrs.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return config.epochs
+
+
+# --------------------------------------------------------------------------- retrain
+
+
+@dataclass
+class RetrainResult:
+    """What ``retrain`` did and where the model went."""
+
+    path: Path
+    study: str
+    trial: int
+    epochs: int
+    reused: bool
+    n_train: int
+    n_test: int
+    test_metrics: dict[str, float] = field(default_factory=dict)
+    search_values: list[float] | None = None
+    seconds: float = 0.0
+    n_params: int = 0
+
+
+def retrain(
+    study: optuna.Study,
+    *,
+    output: str | Path,
+    trial_number: int | None = None,
+    reuse: bool = False,
+    device: str = "auto",
+    storage_url: str | None = None,
+    on_epoch: Callable[[int, int], None] | None = None,
+) -> RetrainResult:
+    """Train the trial's configuration on train + validation for its epoch count (or, with
+    ``reuse``, take the weights the search kept), score the test split and save the file.
+    ``on_epoch(done, total)`` hears each finished epoch (for a progress bar)."""
+    import time
+
+    import torch
+
+    from automl.data import load_dataset, resolve_device, to_device
+    from automl.models import build_model, count_parameters
+    from automl.training import configure_threads, train
+
+    trial = pick_trial(study, trial_number)
+    space = study_space(study)
+    config = trial_config(study, trial, space)
+    dataset = load_dataset(space.data, seed=data_seed(study, trial, space))
+    dev = resolve_device(device)
+    configure_threads(dev)  # one thread on CPU, as the search: small models lose with more
+    epochs = retrain_epochs(trial, config)
+    started = time.perf_counter()
+    if reuse:
+        data = to_device(dataset, dev, model=config.model)
+        model = build_model(config, data.input_shape, data.n_outputs)
+        _load_kept_weights(model, trial, storage_url, study.study_name)
+        model.to(dev)
+        n_train = len(dataset.X_train)
+    else:
+        from dataclasses import replace
+
+        data = to_device(dataset, dev, model=config.model, include_val_in_train=True)
+        config = replace(config, epochs=epochs)
+        hook = None if on_epoch is None else (lambda e, _m: on_epoch(e + 1, epochs))
+        result = train(config, data, keep_model=True, restore_best=False, on_epoch=hook)
+        assert result.model is not None
+        model = result.model
+        n_train = len(dataset.X_train) + len(dataset.X_val)
+    seconds = time.perf_counter() - started
+    test_metrics = score_test(model, dataset, config, data.input_shape, dev)
+    first = [f"test_{m.removeprefix('val_')}" for m in space.objectives]  # the objective first
+    test_metrics = dict(sorted(test_metrics.items(), key=lambda kv: kv[0] not in first))
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    from automl.storage import mask_url, resolve_storage_url
+
+    doc: dict[str, Any] = {
+        "format": MODEL_FORMAT,
+        "version": MODEL_VERSION,
+        "state_dict": state,
+        "config": _plain(config.to_dict()),
+        "preprocessor": _plain(dataset.preprocessor.to_state()),
+        "input_shape": [int(s) for s in data.input_shape],
+        "n_outputs": int(data.n_outputs),
+        "task": dataset.task,
+        "classes": _plain(list(dataset.preprocessor.classes)),
+        "dropped_columns": [str(c) for c in space.data.drop],
+        "provenance": _plain(
+            {
+                "study": study.study_name,
+                "trial": trial.number,
+                "storage": mask_url(resolve_storage_url(storage_url)),
+                "params": _plain(dict(trial.params)),
+                "values": list(trial.values) if trial.values else None,
+                "objectives": list(study.metric_names or []),
+                "epochs": epochs,
+                "reused": reuse,
+                "n_train": n_train,
+                "test_metrics": test_metrics,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "torch": str(torch.__version__),
+            }
+        ),
+    }
+    path = Path(output)
+    save_model_file(doc, path)
+    return RetrainResult(
+        path=path,
+        study=study.study_name,
+        trial=trial.number,
+        epochs=epochs,
+        reused=reuse,
+        n_train=n_train,
+        n_test=len(dataset.X_test),
+        test_metrics=test_metrics,
+        search_values=list(trial.values) if trial.values else None,
+        seconds=seconds,
+        n_params=count_parameters(model),
+    )
+
+
+def score_test(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    config: TrialConfig,
+    input_shape: tuple[int, ...],
+    device: str,
+) -> dict[str, float]:
+    """The held-out test split's metrics (``test_accuracy``, ...); empty without one."""
+    import torch
+
+    from automl.training import compute_metrics
+
+    if len(dataset.X_test) == 0:
+        return {}
+    x = torch.from_numpy(dataset.X_test).reshape((len(dataset.X_test), *input_shape)).to(device)
+    y = torch.from_numpy(dataset.y_test).to(device)
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    metrics = compute_metrics(out, y, dataset.task, dataset.n_outputs, dataset.preprocessor.y_std)
+    return {"test_" + k.removeprefix("val_"): round(float(v), 6) for k, v in metrics.items()}
+
+
+def kept_weights_path(
+    trial: FrozenTrial, storage_url: str | None = None, study_name: str | None = None
+) -> Path | None:
+    """The file where the search kept this trial's weights: the user attr ``weights_path``
+    (as stored, then beside the SQLite file), else ``<number>.weights.pt`` in the study's
+    checkpoint folder; None when there is none."""
+    from automl.storage import _sqlite_path, resolve_storage_url
+
+    url = resolve_storage_url(storage_url)
+    candidates: list[Path] = []
+    value = trial.user_attrs.get("weights_path")
+    if value:
+        candidates.append(Path(str(value)))
+        sqlite = _sqlite_path(url)
+        if sqlite is not None and not Path(str(value)).is_absolute():
+            candidates.append(sqlite.parent / str(value))
+    if study_name is not None:
+        try:
+            from automl.checkpoints import study_checkpoint_dir
+        except ImportError:  # pragma: no cover - checkpoints are optional
+            pass
+        else:
+            candidates.append(study_checkpoint_dir(url, study_name) / f"{trial.number}.weights.pt")
+    return next((p for p in candidates if p.is_file()), None)
+
+
+def _load_kept_weights(
+    model: torch.nn.Module, trial: FrozenTrial, storage_url: str | None, study_name: str
+) -> None:
+    import torch
+
+    path = kept_weights_path(trial, storage_url, study_name)
+    if path is None:
+        where = trial.user_attrs.get("weights_path")
+        detail = f" (its file {where} is gone)" if where else ""
+        raise UsageError(
+            f"the search kept no weights for trial #{trial.number}{detail}; "
+            "run retrain without --reuse to train it again"
+        )
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UsageError(f"{path}: cannot read the kept weights: {exc}") from None
+    state = saved
+    if isinstance(saved, dict):
+        for key in ("state_dict", "model", "model_state", "weights"):
+            if isinstance(saved.get(key), dict):
+                state = saved[key]
+                break
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        first = str(exc).splitlines()[0]
+        raise UsageError(
+            f"{path}: the kept weights do not fit trial #{trial.number}'s model ({first}); "
+            "run retrain without --reuse"
+        ) from None
+
+
+# --------------------------------------------------------------------------- the file
+
+
+def _plain(value: Any) -> Any:
+    """Only types ``weights_only`` loading accepts: numpy scalars become Python ones."""
+    import numpy as np
+
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    for kind in (bool, int, float, str):  # subclasses (TorchVersion, IntEnum) are globals
+        if isinstance(value, kind):
+            return kind(value)
+    return value
+
+
+def save_model_file(doc: dict[str, Any], path: Path) -> None:
+    """Write atomically: a crash mid-write never leaves a half file under ``path``."""
+    import torch
+
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder; give a file name such as model.pt")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(doc, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch reports a bad path as RuntimeError
+        why = exc.strerror if isinstance(exc, OSError) else str(exc).split("strerror: ")[-1]
+        raise AutomlError(f"cannot write {path}: {why}") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+@dataclass
+class LoadedModel:
+    """A model file, ready to predict."""
+
+    model: torch.nn.Module
+    config: TrialConfig
+    preprocessor: Preprocessor
+    input_shape: tuple[int, ...]
+    task: str
+    classes: list[Any]
+    provenance: dict[str, Any]
+    dropped_columns: list[str] = field(default_factory=list)
+
+
+def load_model_file(path: str | Path) -> LoadedModel:
+    """Read a model file with ``weights_only=True`` and rebuild the model."""
+    import pickle
+
+    import torch
+
+    from automl.data import Preprocessor
+    from automl.models import build_model
+    from automl.spaces import TrialConfig
+
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{p}: no such model file; make one with automl retrain STUDY -o {p}")
+    try:
+        doc = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # weights_only refused it; never retry without: that would run the file's code.
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        what = f": it holds Python objects ({found.group(1)}), never loaded" if found else ""
+        raise UsageError(
+            f"{p}: not an automl model file{what}; make one with automl retrain"
+        ) from None
+    except Exception as exc:  # torch's zip/pickle readers fail in many ways on junk
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UsageError(f"{p}: not an automl model file ({first[:200]})") from None
+    if not isinstance(doc, dict) or doc.get("format") != MODEL_FORMAT:
+        raise UsageError(f"{p}: not an automl model file; make one with automl retrain")
+    if int(doc.get("version", 0)) > MODEL_VERSION:
+        raise UsageError(
+            f"{p}: model file version {doc['version']} is newer than this automl reads "
+            f"({MODEL_VERSION}); upgrade automl"
+        )
+    config = TrialConfig.from_dict(doc["config"])
+    shape = tuple(int(s) for s in doc["input_shape"])
+    model = build_model(config, shape, int(doc["n_outputs"]))
+    model.load_state_dict(doc["state_dict"])
+    model.eval()
+    return LoadedModel(
+        model=model,
+        config=config,
+        preprocessor=Preprocessor.from_state(doc["preprocessor"]),
+        input_shape=shape,
+        task=str(doc["task"]),
+        classes=list(doc.get("classes") or []),
+        provenance=dict(doc.get("provenance") or {}),
+        dropped_columns=[str(c) for c in doc.get("dropped_columns") or []],
+    )
+
+
+# --------------------------------------------------------------------------- predict
+
+
+@dataclass
+class Prediction:
+    """Predictions in input row order, and what was noticed on the way."""
+
+    frame: pd.DataFrame
+    ignored_columns: list[str] = field(default_factory=list)
+    target_present: bool = False
+
+
+def predict_file(
+    model_file: str | Path, data_file: str | Path, *, proba: bool = False
+) -> Prediction:
+    """Apply the model file's preprocessing and model to a CSV, Parquet or NPZ file."""
+    from automl.data import read_table
+
+    loaded = load_model_file(model_file)
+    frame, _ = read_table(data_file)
+    return predict_frame(loaded, frame, proba=proba, source=str(data_file))
+
+
+def predict_frame(
+    loaded: LoadedModel, frame: pd.DataFrame, *, proba: bool = False, source: str = "data"
+) -> Prediction:
+    """Predict every row of ``frame``; the target column and extra columns are ignored."""
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    pre = loaded.preprocessor
+    needed = pre.feature_columns
+    missing = [c for c in needed if c not in frame.columns]
+    if missing:
+        shown = ", ".join(missing[:8]) + (
+            f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        )
+        raise DataError(
+            f"{source}: lacks the feature column(s) {shown} the model was trained on "
+            f"(it needs {len(needed)} columns, named as in the training data)"
+        )
+    target_present = pre.target is not None and pre.target in frame.columns
+    expected = {*needed, pre.target, *loaded.dropped_columns}  # data.drop: no surprise
+    ignored = [c for c in frame.columns if c not in expected]
+    if ignored:
+        log.warning(
+            "%s: ignoring %d column(s) the model does not use: %s",
+            source,
+            len(ignored),
+            ", ".join(map(str, ignored[:8])) + (" ..." if len(ignored) > 8 else ""),
+        )
+    if proba and loaded.task != "classification":
+        raise UsageError("--proba needs a classification model; this one does regression")
+    X = pre.transform(frame)
+    x = torch.from_numpy(X).reshape((len(X), *loaded.input_shape))
+    with torch.no_grad():
+        out = loaded.model(x)
+    if loaded.task == "classification":
+        probs = _probabilities(out, loaded.config.loss)
+        labels = pre.decode_target(probs.argmax(axis=1))
+        result = pd.DataFrame({"prediction": _label_series(labels, loaded.classes)})
+        if proba:
+            for j, cls in enumerate(loaded.classes):
+                result[f"proba_{cls}"] = np.round(probs[:, j], 6)
+    else:
+        values = pre.decode_target(out.squeeze(-1).double().numpy())
+        result = pd.DataFrame({"prediction": np.asarray(values, dtype=np.float64)})
+    return Prediction(
+        frame=result, ignored_columns=[str(c) for c in ignored], target_present=target_present
+    )
+
+
+def _probabilities(out: torch.Tensor, loss: str) -> np.ndarray:
+    import torch
+
+    if loss == "bce":  # trained as independent sigmoids: normalise them
+        p = torch.sigmoid(out.double())
+        p = p / p.sum(dim=1, keepdim=True).clamp(min=1e-12)
+    else:
+        p = torch.softmax(out.double(), dim=1)
+    return p.numpy()
+
+
+def _label_series(labels: np.ndarray, classes: list[Any]) -> Any:
+    """Labels keep the type they had in the training data (ints stay ints, text text)."""
+    import pandas as pd
+
+    if classes and all(isinstance(c, bool) for c in classes):
+        return pd.Series(labels, dtype=bool)
+    if classes and all(isinstance(c, int) and not isinstance(c, bool) for c in classes):
+        return pd.Series(labels, dtype="int64")
+    return pd.Series(labels, dtype=object)
+
+
+def write_predictions(prediction: Prediction, output: str | Path | None) -> str | None:
+    """CSV to ``output``; with no output, the CSV text (for stdout)."""
+    if output is None:
+        return str(prediction.frame.to_csv(index=False))
+    path = Path(output)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        prediction.frame.to_csv(path, index=False)
+    except OSError as exc:
+        raise AutomlError(f"cannot write {path}: {exc.strerror}") from None
+    return None

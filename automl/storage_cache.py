@@ -1,0 +1,262 @@
+"""A run's view of an RDB storage: Optuna's trial cache, re-read less often.
+
+Optuna wraps an RDBStorage in ``_CachedStorage``, which keeps finished trials in memory
+but still queries the database (a trial query plus five relation loads) on *every*
+``get_all_trials``: once per ``should_prune`` (10 per trial with 10 epochs), once per
+sampling, once per best-trial check. On SQLite those reads were most of the bookkeeping
+cost of a trial (BENCHMARKS.md).
+
+``RunStorage`` re-reads at most every ``refresh`` seconds, and at once after this process
+changed the set of trials (asked one, finished one), so its own trials are always seen.
+What other workers did is seen at most ``refresh`` seconds late: the pruner compares with
+their finished trials a moment later, the sampler's constant liar sees their running
+trials a moment later; neither needs more.
+
+Reads of this process's own running trials are served from memory: every write to such
+a trial goes through this object, so a copy kept in step with those writes is what the
+database holds (Optuna otherwise loads the whole trial, five queries, on each of the
+five reads a trial makes of itself: ``Trial()``, ``tell`` twice, system attributes).
+
+Writes: every report is in the database at once (for the dashboard and other workers'
+pruners); a trial's suggested parameters are buffered and written in one transaction
+when the configuration is complete (``flush_params``, called by the objective before
+training) or before anything else touches the trial; user attributes are written in one
+statement (``set_trial_user_attrs``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from optuna.storages import RDBStorage, _CachedStorage
+from optuna.trial import TrialState
+
+REFRESH_SECONDS = 1.0
+
+
+class RunStorage(_CachedStorage):
+    """``_CachedStorage`` whose database reads are throttled (see the module docstring)."""
+
+    def __init__(self, backend: RDBStorage, *, refresh: float = REFRESH_SECONDS) -> None:
+        super().__init__(backend)
+        self.refresh = refresh
+        self._last_read: dict[int, float] = {}
+        # Parameters suggested but not yet written, per trial: (name, value, dist, previous).
+        self._pending: dict[int, list[tuple[str, float, Any, Any]]] = {}
+        # This process's running trials, kept in step with its writes to them.
+        self._owned: dict[int, Any] = {}
+
+    def _own(self, trial_id: int) -> Any:
+        return self._owned.get(trial_id)
+
+    # ------------------------------------------------------------------ parameters
+
+    def set_trial_param(
+        self, trial_id: int, param_name: str, param_value_internal: float, distribution: Any
+    ) -> None:
+        """Buffer the parameter (checked against the study's distributions now); it is
+        written with the trial's other buffered parameters in one transaction by
+        ``flush_params``, or before anything else touches this trial."""
+        from optuna.distributions import check_distribution_compatibility
+
+        with self._lock:
+            where = self._trial_id_to_study_id_and_number.get(trial_id)
+            study = self._studies.get(where[0]) if where is not None else None
+        if study is None:
+            super().set_trial_param(trial_id, param_name, param_value_internal, distribution)
+            return
+        previous = study.param_distribution.get(param_name)
+        if previous is not None:
+            check_distribution_compatibility(previous, distribution)
+        pending = self._pending.setdefault(trial_id, [])
+        pending.append((param_name, param_value_internal, distribution, previous))
+        if previous is None:
+            study.param_distribution[param_name] = distribution
+        owned = self._own(trial_id)
+        if owned is not None:
+            owned._params[param_name] = distribution.to_external_repr(param_value_internal)
+            owned._distributions[param_name] = distribution
+
+    def flush_params(self, trial_id: int) -> None:
+        """Write the trial's buffered parameters in one transaction."""
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        pending = self._pending.pop(trial_id, None)
+        if not pending:
+            return
+        from optuna.distributions import distribution_to_json
+        from optuna.storages._rdb import models
+
+        backend = self._backend
+        with _create_scoped_session(backend.scoped_session, True) as session:
+            trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
+            backend.check_trial_is_updatable(trial_id, trial.state)  # type: ignore[arg-type]
+            for name, value, distribution, previous in pending:
+                if previous is None:  # a name new to this process: Optuna checks the study
+                    backend._set_trial_param_without_commit(
+                        session, trial_id, name, value, distribution, previous
+                    )
+                    continue
+                # Compatibility with ``previous`` was checked when the value was buffered.
+                session.add(
+                    models.TrialParamModel(
+                        trial_id=trial_id,
+                        param_name=name,
+                        param_value=value,
+                        distribution_json=distribution_to_json(distribution),
+                    )
+                )
+
+    def get_trial(self, trial_id: int) -> Any:
+        import copy
+
+        owned = self._own(trial_id)
+        if owned is not None:
+            return copy.deepcopy(owned)
+        self.flush_params(trial_id)
+        return super().get_trial(trial_id)
+
+    def get_trial_param(self, trial_id: int, param_name: str) -> float:
+        self.flush_params(trial_id)
+        return super().get_trial_param(trial_id, param_name)
+
+    def set_trial_intermediate_value(
+        self, trial_id: int, step: int, intermediate_value: float
+    ) -> None:
+        self.flush_params(trial_id)
+        owned = self._own(trial_id)
+        dialect = self._backend.engine.name
+        if owned is None or dialect not in ("sqlite", "postgresql"):
+            super().set_trial_intermediate_value(trial_id, step, intermediate_value)
+        else:
+            self._upsert_intermediate_value(trial_id, step, intermediate_value, dialect)
+        if owned is not None:
+            owned.intermediate_values[step] = intermediate_value
+
+    def _upsert_intermediate_value(
+        self, trial_id: int, step: int, value: float, dialect: str
+    ) -> None:
+        """One statement instead of Optuna's three (load the trial, check its state, look
+        the step up, then write): the trial is this process's own running trial."""
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+        from sqlalchemy.dialects import postgresql, sqlite
+
+        model = models.TrialIntermediateValueModel
+        stored, kind = model.intermediate_value_to_stored_repr(value)
+        insert: Any = sqlite.insert if dialect == "sqlite" else postgresql.insert
+        stmt = insert(model).values(
+            trial_id=trial_id, step=step, intermediate_value=stored, intermediate_value_type=kind
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[model.trial_id, model.step],
+            set_={
+                "intermediate_value": stmt.excluded.intermediate_value,
+                "intermediate_value_type": stmt.excluded.intermediate_value_type,
+            },
+        )
+        with _create_scoped_session(self._backend.scoped_session, True) as session:
+            session.execute(stmt)
+
+    def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self.flush_params(trial_id)
+        super().set_trial_user_attr(trial_id, key, value)
+        owned = self._own(trial_id)
+        if owned is not None:
+            owned._user_attrs[key] = value
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self.flush_params(trial_id)
+        super().set_trial_system_attr(trial_id, key, value)
+        owned = self._own(trial_id)
+        if owned is not None:
+            owned._system_attrs[key] = value
+
+    # ------------------------------------------------------------------ reads
+
+    def __setstate__(self, state: dict[Any, Any]) -> None:
+        super().__setstate__(state)
+        self._lock = threading.Lock()
+
+    def _read_trials_from_remote_storage(self, study_id: int) -> None:
+        last = self._last_read.get(study_id)
+        if last is not None and time.monotonic() - last < self.refresh:
+            return
+        super()._read_trials_from_remote_storage(study_id)
+        self._last_read[study_id] = time.monotonic()
+
+    def create_new_trial(self, study_id: int, template_trial: Any = None) -> int:
+        import copy
+
+        from optuna.storages._cached_storage import _StudyInfo
+
+        frozen = self._backend._create_new_trial(study_id, template_trial)
+        with self._lock:
+            if study_id not in self._studies:
+                self._studies[study_id] = _StudyInfo()
+            self._add_trials_to_cache(study_id, [frozen])
+        if template_trial is None and frozen.state == TrialState.RUNNING:
+            self._owned[frozen._trial_id] = copy.deepcopy(frozen)  # asked by this process
+        self._last_read.clear()
+        return int(frozen._trial_id)
+
+    def _adopt(self, trial_id: int) -> None:
+        """Start serving a running trial of this process from memory."""
+        import copy
+
+        trial = self._backend.get_trial(trial_id)
+        if trial.state == TrialState.RUNNING:
+            self._owned[trial_id] = copy.deepcopy(trial)
+
+    def set_trial_state_values(
+        self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
+    ) -> bool:
+        self.flush_params(trial_id)
+        self._owned.pop(trial_id, None)
+        try:
+            changed = super().set_trial_state_values(trial_id, state=state, values=values)
+        finally:
+            self._last_read.clear()
+        if changed and state == TrialState.RUNNING:
+            self._adopt(trial_id)  # a waiting trial this process just claimed
+        return changed
+
+    def set_trial_user_attrs(self, trial_id: int, attrs: dict[str, Any]) -> None:
+        """Set several user attributes in one transaction (one multi-row upsert on SQLite
+        and PostgreSQL)."""
+        import json
+
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        self.flush_params(trial_id)
+        owned = self._own(trial_id)
+        if owned is not None:
+            owned._user_attrs.update(attrs)
+        backend = self._backend
+        model = models.TrialUserAttributeModel
+        dialect = backend.engine.name
+        with _create_scoped_session(backend.scoped_session, True) as session:
+            if dialect not in ("sqlite", "postgresql") or not attrs:
+                for key, value in attrs.items():
+                    backend._set_trial_attr_without_commit(session, model, trial_id, key, value)
+                return
+            trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
+            backend.check_trial_is_updatable(trial_id, trial.state)  # type: ignore[arg-type]
+            from sqlalchemy.dialects import postgresql, sqlite
+
+            insert: Any = sqlite.insert if dialect == "sqlite" else postgresql.insert
+            rows = [
+                {"trial_id": trial_id, "key": key, "value_json": json.dumps(value)}
+                for key, value in attrs.items()
+            ]
+            stmt = insert(model).values(rows)
+            session.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=[model.trial_id, model.key],
+                    set_={"value_json": stmt.excluded.value_json},
+                )
+            )

@@ -1,0 +1,92 @@
+"""Fused throughput: seconds per trial of K small MLPs trained as one fused model
+(``packing.train_packed``) against the same configurations trained one by one
+(``training.train``), for K = 1, 4, 8, 16, 32, back to back on the same configurations.
+
+The configurations come from the reference space (bench/space_reference.yaml): Adam,
+2 hidden layers of 4..128 units (log; and a narrower 32..64 series, where padding to
+the widest member wastes little), dropout 0.2..0.5, lr 1e-5..1e-1 (log), batch 64,
+10 epochs on digits. Training only (no storage), one torch thread, same data on the
+device for both. On a GPU machine run it with --device cuda.
+
+    python bench/fused.py [--sizes 1,4,8,16,32] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+
+import torch
+
+from automl.data import load_dataset, to_device
+from automl.packing import train_packed
+from automl.spaces import DataSpec, TrialConfig
+from automl.training import train
+
+
+def configs(k: int, seed: int = 0, widths: tuple[int, int] = (4, 128)) -> list[TrialConfig]:
+    """``k`` configurations of the reference space; widths log-uniform in ``widths``."""
+    rng = random.Random(seed)
+    low, high = widths
+    return [
+        TrialConfig(
+            optimizer="adam",
+            optimizer_params={"lr": 10 ** rng.uniform(-5, -1)},
+            loss="nll",
+            batch_size=64,
+            epochs=10,
+            n_layers=2,
+            hidden_units=round(low * (high / low) ** rng.random()),
+            dropout=rng.uniform(0.2, 0.5),
+            seed=i,
+        )
+        for i in range(k)
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1,4,8,16,32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--n-sequential", type=int, default=8, help="trained alone per K")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    device = args.device
+    data = to_device(load_dataset(DataSpec(dataset="digits", validation=0.2), seed=0), device)
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu, 1 thread"
+    warm = configs(1, seed=99)[0]
+    train(warm, data)  # warm-up (first optimizer, first kernels)
+    train_packed([warm, warm], data)
+    for widths in ((4, 128), (32, 64)):
+        for k in (int(s) for s in args.sizes.split(",")):
+            group = configs(k, seed=k, widths=widths)
+            before = os.getloadavg()[0]
+            # The same configurations one by one (at most n_sequential of them) ...
+            alone = group[: args.n_sequential]
+            started = time.perf_counter()
+            for config in alone:
+                train(config, data, objective="val_accuracy")
+            sequential = (time.perf_counter() - started) / len(alone)
+            # ... and all k as one fused model.
+            started = time.perf_counter()
+            results = train_packed(group, data, objective="val_accuracy")
+            fused = (time.perf_counter() - started) / k
+            scores = [r.metrics["val_accuracy"] for r in results if not isinstance(r, Exception)]
+            row = {
+                "device": name,
+                "widths": f"{widths[0]}..{widths[1]}",
+                "k": k,
+                "sequential_s_per_trial": round(sequential, 4),
+                "fused_s_per_trial": round(fused, 4),
+                "speedup": round(sequential / fused, 2),
+                "best_val_accuracy": round(max(scores), 4) if scores else None,
+                "load": round((before + os.getloadavg()[0]) / 2, 2),
+            }
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""Whole-process time per trial: the Optuna-example reference against ``automl run``
+(sequential, and ``--pack K``) on the same space, data, epochs and storage kind.
+
+Each round runs the reference, then automl, then automl --pack, back to back, as fresh
+processes on fresh SQLite files, so load from elsewhere affects them alike. The figure
+is wall time of the whole process (imports, data, study, trials) divided by the trials.
+
+    python bench/sequential.py --n-trials 30 --rounds 1 --pack 8
+
+Prints one JSON line per run and a summary line with the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+
+from automl.workers import automl_command
+
+HERE = Path(__file__).resolve().parent
+SPACE = HERE / "space_reference.yaml"
+
+
+def load() -> float:
+    return os.getloadavg()[0]
+
+
+def timed(cmd: list[str], cwd: Path) -> tuple[float, str]:
+    started = time.perf_counter()
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr[-2000:]}")
+    return seconds, done.stdout
+
+
+def best_of(url: str, study: str) -> tuple[float, int, int]:
+    """Best value, number of trials, and epochs trained in all (pruning differs)."""
+    s = optuna.load_study(study_name=study, storage=url)
+    epochs = sum(len(t.intermediate_values) for t in s.trials)
+    return s.best_value, len(s.trials), epochs
+
+
+def run_round(n_trials: int, pack: int, folder: Path, index: int) -> list[dict[str, object]]:
+    rows: list[dict[str, object]] = []
+    # The reference as written (torch's default threads), and with one thread like automl.
+    for name, extra in (("reference", []), ("reference, 1 thread", ["--threads", "1"])):
+        ref_url = f"sqlite:///{folder / f'reference{index}_{len(rows)}.db'}"
+        before = load()
+        seconds, _ = timed(
+            [
+                sys.executable,
+                str(HERE / "reference_optuna.py"),
+                "--n-trials",
+                str(n_trials),
+                "--storage",
+                ref_url,
+                "--study",
+                "reference",
+                *extra,
+            ],
+            folder,
+        )
+        best, n, epochs = best_of(ref_url, "reference")
+        rows.append(_row(name, n, epochs, seconds, best, before))
+    for name, extra in (("automl", []), (f"automl --pack {pack}", ["--pack", str(pack)])):
+        url = f"sqlite:///{folder / f'automl{index}_{len(rows)}.db'}"
+        before = load()
+        seconds, _ = timed(
+            [
+                *automl_command(),
+                "run",
+                str(SPACE),
+                "--n-trials",
+                str(n_trials),
+                "--storage",
+                url,
+                "--study",
+                "bench",
+                "--device",
+                "cpu",
+                "--json",
+                *extra,
+            ],
+            folder,
+        )
+        best, n, epochs = best_of(url, "bench")
+        rows.append(_row(name, n, epochs, seconds, best, before))
+    return rows
+
+
+def _row(
+    name: str, n: int, epochs: int, seconds: float, best: float, before: float
+) -> dict[str, object]:
+    return {
+        "run": name,
+        "n_trials": n,
+        "epochs_trained": epochs,
+        "seconds": round(seconds, 2),
+        "s_per_trial": round(seconds / n, 3),
+        "best_val_accuracy": round(best, 4),
+        "load_before": round(before, 2),
+        "load_after": round(load(), 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n-trials", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--pack", type=int, default=8)
+    args = parser.parse_args()
+    per_run: dict[str, list[dict[str, object]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for index in range(args.rounds):
+            for row in run_round(args.n_trials, args.pack, Path(tmp), index):
+                print(json.dumps(row), flush=True)
+                per_run.setdefault(str(row["run"]), []).append(row)
+    ref = statistics.median(float(r["s_per_trial"]) for r in per_run["reference"])  # type: ignore[arg-type]
+    summary: dict[str, object] = {"summary": "sequential", "reference_s_per_trial": ref}
+    for name, rows in per_run.items():
+        mine = statistics.median(float(r["s_per_trial"]) for r in rows)  # type: ignore[arg-type]
+        summary[f"{name} / reference"] = round(mine / ref, 3)
+        summary[f"{name} best"] = max(float(r["best_val_accuracy"]) for r in rows)  # type: ignore[arg-type]
+    print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""The CLI contract: runs write standard Optuna studies, JSON shapes, exit codes, startup."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+from typer.testing import CliRunner
+
+from automl.cli import app
+
+runner = CliRunner()
+
+
+def _run(*args: str) -> object:
+    return runner.invoke(app, list(args))
+
+
+def test_run_writes_a_standard_optuna_study(tiny_space: Path, storage_url: str) -> None:
+    result = _run("run", str(tiny_space), "--storage", storage_url, "--n-trials", "4")
+    assert result.exit_code == 0, result.output
+    study = optuna.load_study(study_name="tiny", storage=storage_url)
+    finished = [t for t in study.trials if t.state.is_finished()]
+    assert len(finished) == 4
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert complete, "no trial completed"
+    for t in complete:
+        assert t.params["optimizer"] in ("adam", "sgd")
+        assert t.params["batch_size"] in (16, 32)
+        assert 0.0 <= t.value <= 1.0
+        attrs = t.user_attrs
+        for key in (
+            "train_loss",
+            "val_loss",
+            "val_accuracy",
+            "val_f1",
+            "n_params",
+            "epochs_run",
+            "train_seconds",
+            "device",
+            "seed",
+        ):
+            assert key in attrs, key
+        assert attrs["device"] == "cpu"
+        assert attrs["val_accuracy"] == pytest.approx(t.value, abs=1e-6)
+        assert attrs["epochs_run"] == 3
+        assert sorted(t.intermediate_values) == [0, 1, 2]
+    assert study.user_attrs["space_hash"]
+    assert "dataset: iris" in study.user_attrs["space"]
+    assert study.metric_names == ["val_accuracy"]
+    assert "best trials of 'tiny'" in result.stdout
+
+
+def test_optuna_cli_lists_the_study(tiny_space: Path, storage_url: str) -> None:
+    assert _run("run", str(tiny_space), "--storage", storage_url, "--n-trials", "1").exit_code == 0
+    optuna_cli = Path(sys.executable).parent / "optuna"
+    out = subprocess.run(
+        [str(optuna_cli), "studies", "--storage", storage_url, "-f", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    rows = json.loads(out.stdout)
+    assert [r["name"] for r in rows] == ["tiny"]
+
+
+def test_run_json_and_best_json_shapes(tiny_space: Path, storage_url: str) -> None:
+    result = _run("run", str(tiny_space), "--storage", storage_url, "--n-trials", "3", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)  # stdout holds the document and nothing else
+    assert doc["study"] == "tiny"
+    assert doc["n_complete"] + doc["n_pruned"] + doc["n_failed"] == 3
+    best = _run("best", "tiny", "--storage", storage_url, "--json")
+    assert best.exit_code == 0
+    bdoc = json.loads(best.stdout)
+    assert {"study", "number", "value", "params", "user_attrs"} <= set(bdoc)
+    study = optuna.load_study(study_name="tiny", storage=storage_url)
+    assert bdoc["number"] == study.best_trial.number
+    assert bdoc["value"] == pytest.approx(study.best_value)
+    assert bdoc["params"] == study.best_trial.params
+    assert doc["best"]["number"] == bdoc["number"]
+
+
+def test_studies_json_and_show_and_export(tiny_space: Path, storage_url: str) -> None:
+    assert _run("run", str(tiny_space), "--storage", storage_url, "--n-trials", "3").exit_code == 0
+    rows = json.loads(_run("studies", "--storage", storage_url, "--json").stdout)
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["name"] == "tiny"
+    assert row["direction"] == "maximize"
+    assert row["n_trials"] == 3
+    study = optuna.load_study(study_name="tiny", storage=storage_url)
+    assert row["best_value"] == pytest.approx(study.best_value)
+    shown = json.loads(_run("show", "tiny", "--storage", storage_url, "--json").stdout)
+    assert len(shown) == 3
+    assert shown[0]["number"] == study.best_trial.number  # best first
+    csv_text = _run("export", "tiny", "--storage", storage_url, "--format", "csv").stdout
+    lines = csv_text.strip().splitlines()
+    assert len(lines) == 4
+    assert "params_optimizer" in lines[0] and "user_attrs_val_accuracy" in lines[0]
+    exported = json.loads(
+        _run("export", "tiny", "--storage", storage_url, "--format", "json").stdout
+    )
+    assert len(exported["trials"]) == 3
+
+
+def test_delete_needs_yes(tiny_space: Path, storage_url: str) -> None:
+    assert _run("run", str(tiny_space), "--storage", storage_url, "--n-trials", "1").exit_code == 0
+    refused = _run("delete", "tiny", "--storage", storage_url)
+    assert refused.exit_code == 2
+    assert "--yes" in refused.stderr
+    assert _run("delete", "tiny", "--storage", storage_url, "--yes").exit_code == 0
+    assert optuna.get_all_study_names(storage_url) == []
+
+
+def test_exit_codes_for_bad_file_and_unknown_study(tmp_path: Path, storage_url: str) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: {dataset: iris}\nspace: {dropout: {low: 0.6, high: 0.5}}\n")
+    result = _run("run", str(bad), "--storage", storage_url)
+    assert result.exit_code == 2
+    assert "space.dropout: low must be <= high, got low=0.6 high=0.5" in result.stderr
+    assert "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+    missing = _run("best", "nope", "--storage", storage_url)
+    assert missing.exit_code == 2
+    assert "no study named 'nope'" in missing.stderr
+
+
+def test_space_check_and_show(tiny_space: Path, tmp_path: Path) -> None:
+    ok = _run("space", "check", str(tiny_space))
+    assert ok.exit_code == 0 and "valid" in ok.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: {dataset: iris}\nspace: {dropout: 2.0, batch_size: 0}\n")
+    result = _run("space", "check", str(bad))
+    assert result.exit_code == 2
+    assert result.stderr.count("error:") == 2
+    shown = _run("space", "show", str(tiny_space))
+    assert shown.exit_code == 0
+    assert "sgd_momentum" in shown.stdout and "optimizer = sgd" in shown.stdout
+
+
+def test_space_new_writes_a_valid_starter(tmp_path: Path) -> None:
+    target = tmp_path / "new.yaml"
+    assert _run("space", "new", str(target)).exit_code == 0
+    assert _run("space", "check", str(target)).exit_code == 0
+    assert _run("space", "new", str(target)).exit_code == 2  # no silent overwrite
+
+
+def test_run_from_flags_without_a_file(storage_url: str) -> None:
+    result = _run(
+        "run",
+        "--dataset", "iris",
+        "--optimizer", "adam,sgd",
+        "--loss", "cross_entropy,mse",
+        "--lr", "1e-3..1e-1:log",
+        "--batch-size", "16,32",
+        "--hidden-units", "8..32:log",
+        "--param", "dropout=0..0.3",
+        "--epochs", "2",
+        "--objective", "val_accuracy",
+        "--storage", storage_url,
+        "--n-trials", "3",
+        "--study", "flags",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    study = optuna.load_study(study_name="flags", storage=storage_url)
+    assert len(study.trials) == 3
+    for t in study.trials:
+        assert 1e-3 <= t.params["lr"] <= 1e-1
+        assert 8 <= t.params["hidden_units"] <= 32
+        assert 0.0 <= t.params["dropout"] <= 0.3
+
+
+def test_run_without_space_or_data_is_usage_error() -> None:
+    result = _run("run")
+    assert result.exit_code == 2
+    assert "give a space file" in result.stderr
+
+
+def test_storage_env_var_and_default(
+    tiny_space: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert _run("run", str(tiny_space), "--n-trials", "1").exit_code == 0
+    assert (tmp_path / "studies" / "automl.db").exists()  # the default, folder created
+    env_url = f"sqlite:///{tmp_path / 'env.db'}"
+    monkeypatch.setenv("AUTOML_STORAGE", env_url)
+    assert _run("run", str(tiny_space), "--n-trials", "1").exit_code == 0
+    assert optuna.get_all_study_names(env_url) == ["tiny"]
+
+
+def test_help_does_not_import_torch_sklearn_or_pandas() -> None:
+    code = (
+        "import sys\n"
+        "from automl.cli import app\n"
+        "try:\n    app(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'sklearn', 'pandas', 'optuna') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+    assert "automl run" in out.stdout or "run" in out.stdout

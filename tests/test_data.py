@@ -1,0 +1,319 @@
+"""Datasets, data files, the task auto rule, preprocessing and splits."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from automl.data import Preprocessor, infer_task, load_dataset, read_table
+from automl.errors import DataError, SpaceError
+from automl.spaces import DataSpec, load_space, parse_space
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize(
+    ("name", "task", "n_classes", "n_features"),
+    [
+        ("iris", "classification", 3, 4),
+        ("wine", "classification", 3, 13),
+        ("breast_cancer", "classification", 2, 30),
+        ("digits", "classification", 10, 64),
+        ("diabetes", "regression", 0, 10),
+    ],
+)
+def test_bundled_datasets(name: str, task: str, n_classes: int, n_features: int) -> None:
+    ds = load_dataset(DataSpec(dataset=name, validation=0.2, test=0.1))
+    assert ds.task == task and ds.n_classes == n_classes and ds.n_features == n_features
+    n = len(ds.X_train) + len(ds.X_val) + len(ds.X_test)
+    assert len(ds.X_val) == int(n * 0.2) and len(ds.X_test) == int(n * 0.1)
+    assert ds.input_shape == ((1, 8, 8) if name == "digits" else (n_features,))
+    # Standardized with the training split's statistics.
+    assert np.allclose(ds.X_train.mean(axis=0), 0, atol=1e-5)
+
+
+def _frame(n: int = 90, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame(
+        {
+            "id": np.arange(n),
+            "size": rng.normal(10, 3, n),
+            "count": rng.integers(0, 5, n).astype(float),
+            "colour": rng.choice(["red", "green", "blue"], n),
+            "label": rng.choice(["cat", "dog", "eel"], n),
+        }
+    )
+    frame.loc[[1, 5, 9], "size"] = np.nan
+    frame.loc[[2, 7], "colour"] = np.nan
+    return frame
+
+
+def _csv(tmp_path: Path, frame: pd.DataFrame, name: str = "d.csv") -> str:
+    path = tmp_path / name
+    frame.to_csv(path, index=False)
+    return str(path)
+
+
+def test_csv_with_target_drop_missing_values_and_string_labels(tmp_path: Path) -> None:
+    path = _csv(tmp_path, _frame())
+    ds = load_dataset(DataSpec(path=path, target="label", drop=("id",), validation=0.3))
+    pre = ds.preprocessor
+    assert ds.task == "classification"
+    assert pre.classes == ["cat", "dog", "eel"]
+    assert pre.numeric == ["size", "count"] and pre.categorical == ["colour"]
+    assert pre.categories == [["blue", "green", "red"]]
+    assert ds.n_features == 2 + 3 and "id" not in pre.feature_columns
+    assert not np.isnan(ds.X_train).any() and not np.isnan(ds.X_val).any()
+    labels = pre.decode_target(ds.y_val)
+    assert set(labels) <= {"cat", "dog", "eel"} and isinstance(labels[0], str)
+    assert list(pre.encode_target(labels)) == list(ds.y_val)
+
+
+def test_preprocessing_matches_scikit_learn_fitted_on_the_training_split(tmp_path: Path) -> None:
+    from sklearn.compose import ColumnTransformer
+    from sklearn.impute import SimpleImputer
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    frame = _frame(120)
+    train, new = frame.iloc[:80].drop(columns=["label", "id"]), frame.iloc[80:].copy()
+    new = new.drop(columns=["label", "id"])
+    new.loc[new.index[0], "colour"] = "purple"  # a category never seen in training
+    new.loc[new.index[1], "size"] = np.nan
+    reference = ColumnTransformer(
+        [
+            (
+                "num",
+                make_pipeline(SimpleImputer(strategy="median"), StandardScaler()),
+                ["size", "count"],
+            ),
+            (
+                "cat",
+                make_pipeline(
+                    SimpleImputer(strategy="most_frequent"),
+                    OneHotEncoder(handle_unknown="ignore", sparse_output=False),
+                ),
+                ["colour"],
+            ),
+        ]
+    ).fit(train)
+    pre = Preprocessor().fit(train)
+    assert np.allclose(pre.transform(train), reference.transform(train), atol=1e-6)
+    got = pre.transform(new)
+    assert np.allclose(got, reference.transform(new), atol=1e-6)
+    assert got[0, 2:].tolist() == [0.0, 0.0, 0.0]  # unknown category: all zeros
+    # The state is plain: it survives a round trip through plain data.
+    again = Preprocessor.from_state(pre.to_state())
+    assert np.array_equal(again.transform(new), got)
+    assert all(isinstance(v, float) for v in pre.to_state()["medians"])
+
+
+def test_the_split_is_used_for_fitting_not_the_whole_file(tmp_path: Path) -> None:
+    frame = _frame(100)
+    frame["size"] = np.arange(100, dtype=float)  # no missing values, a distinct mean
+    path = _csv(tmp_path, frame)
+    ds = load_dataset(DataSpec(path=path, target="label", drop=("id",), validation=0.5))
+    pre = ds.preprocessor
+    # Recover which sizes (0..99, one per row) went to validation; training got the rest.
+    raw_val = np.rint(ds.X_val[:, 0] * pre.scales[0] + pre.means[0]).astype(int)
+    train_sizes = np.setdiff1d(np.arange(100), raw_val)
+    assert len(train_sizes) == 50
+    assert pre.means[0] == pytest.approx(train_sizes.mean())
+    assert pre.scales[0] == pytest.approx(train_sizes.std())
+    assert pre.medians[0] == pytest.approx(np.median(train_sizes))
+    assert pre.means[0] != pytest.approx(49.5)  # not the whole file's mean
+
+
+def test_rows_with_a_missing_target_are_dropped_with_a_count(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    frame = _frame(60)
+    frame.loc[[3, 4, 10, 20], "label"] = np.nan
+    path = _csv(tmp_path, frame)
+    with caplog.at_level(logging.WARNING, logger="automl.data"):
+        ds = load_dataset(DataSpec(path=path, target="label", drop=("id",)))
+    assert "dropped 4 row(s)" in caplog.text
+    assert len(ds.X_train) + len(ds.X_val) == 56
+
+
+def test_parquet_and_csv_give_the_same_data(tmp_path: Path) -> None:
+    frame = _frame()
+    csv = _csv(tmp_path, frame)
+    parquet = tmp_path / "d.parquet"
+    frame.to_parquet(parquet)
+    a = load_dataset(DataSpec(path=csv, target="label", drop=("id",)))
+    b = load_dataset(DataSpec(path=str(parquet), target="label", drop=("id",)))
+    assert np.allclose(a.X_train, b.X_train) and np.array_equal(a.y_val, b.y_val)
+
+
+def test_npz_flat_and_images(tmp_path: Path) -> None:
+    np.savez(tmp_path / "flat.npz", X=np.arange(40.0).reshape(20, 2), y=np.arange(20) * 1.5)
+    ds = load_dataset(DataSpec(path=str(tmp_path / "flat.npz")))
+    assert ds.task == "regression" and ds.input_shape == (2,)
+    frame, shape = read_table(tmp_path / "flat.npz")
+    assert shape is None and list(frame.columns) == ["x0", "x1", "y"]
+    np.savez(tmp_path / "img.npz", X=np.zeros((10, 2, 3, 3)), y=np.arange(10) % 2)
+    frame, shape = read_table(tmp_path / "img.npz")
+    assert shape == [2, 3, 3] and frame.shape == (10, 19)
+
+
+@pytest.mark.parametrize(
+    ("values", "task"),
+    [
+        (["a", "b", "a", "c"], "classification"),
+        ([True, False, True, True], "classification"),
+        ([0, 1, 2, 1, 0], "classification"),
+        ([1.0, 2.0, 2.0, np.nan], "classification"),  # whole numbers, few values
+        (list(range(21)), "regression"),  # whole numbers, more than 20 values
+        ([0.5, 1.25, 2.0, 3.0], "regression"),
+    ],
+)
+def test_task_auto_rule(values: list[Any], task: str) -> None:
+    assert infer_task(pd.Series(values)) == task
+
+
+def test_explicit_task_overrides_the_rule(tmp_path: Path) -> None:
+    frame = _frame(60)
+    frame["score"] = np.arange(60) % 4  # would be classes under auto
+    path = _csv(tmp_path, frame)
+    auto = load_dataset(DataSpec(path=path, target="score", drop=("id", "label")))
+    reg = load_dataset(DataSpec(path=path, target="score", drop=("id", "label"), task="regression"))
+    assert auto.task == "classification" and reg.task == "regression"
+
+
+def test_splits_are_stratified_and_seeded() -> None:
+    spec = DataSpec(dataset="breast_cancer", validation=0.3)
+    a, b, c = load_dataset(spec, seed=0), load_dataset(spec, seed=0), load_dataset(spec, seed=1)
+    assert np.array_equal(a.X_val, b.X_val)
+    assert not np.array_equal(a.X_val, c.X_val)
+    share = np.concatenate([a.y_train, a.y_val]).mean()
+    assert a.y_val.mean() == pytest.approx(share, abs=0.01)  # stratified: same class mix
+    assert a.y_train.mean() == pytest.approx(share, abs=0.01)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"target": "lable"}, "did you mean 'label'"),
+        ({"target": "label", "drop": ("nope",)}, "unknown column"),
+        ({"target": "colour", "task": "regression"}, "non-numeric"),
+        ({}, "say which column to predict"),
+    ],
+)
+def test_bad_data_settings(tmp_path: Path, spec: dict[str, Any], message: str) -> None:
+    path = _csv(tmp_path, _frame())
+    with pytest.raises(DataError, match=message):
+        load_dataset(DataSpec(path=path, **spec))
+
+
+def test_unsupported_or_missing_files(tmp_path: Path) -> None:
+    (tmp_path / "x.json").write_text("{}")
+    with pytest.raises(DataError, match="unsupported file type"):
+        read_table(tmp_path / "x.json")
+    with pytest.raises(DataError, match="no such data file"):
+        read_table(tmp_path / "missing.csv")
+
+
+def _csv_space(path: str, target: str, loss: str, objective: str = "val_loss") -> Any:
+    return parse_space(
+        {
+            "data": {"path": path, "target": target, "drop": ["id"]},
+            "train": {"epochs": 1},
+            "objective": objective,
+            "space": {"loss": loss},
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("target", "loss", "objective", "message"),
+    [
+        ("size", "cross_entropy", "val_loss", "'cross_entropy' does not fit a regression"),
+        ("label", "bce", "val_loss", "'bce' needs exactly 2 classes"),
+        ("label", "mse", "val_r2", "'val_r2' is a regression metric"),
+    ],
+)
+def test_task_auto_mismatch_is_found_after_load_before_the_study(
+    tmp_path: Path, target: str, loss: str, objective: str, message: str
+) -> None:
+    from automl.studies import RunOptions, run_study
+
+    path = _csv(tmp_path, _frame())
+    space = _csv_space(path, target, loss, objective)  # loads: the task is not known yet
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    with pytest.raises(SpaceError, match=message):
+        run_study(space, RunOptions(study_name="m", storage_url=url, n_trials=1, device="cpu"))
+    assert not (tmp_path / "s.db").exists()  # nothing was written
+
+
+def test_a_csv_study_through_the_cli_keeps_string_labels(tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from automl.cli import app
+
+    frame = _frame(90)
+    frame.to_csv(tmp_path / "pets.csv", index=False)
+    (tmp_path / "pets.yaml").write_text(
+        "data: {path: pets.csv, target: label, drop: [id]}\n"
+        "train: {epochs: 2, patience: 0}\n"
+        "objective: val_accuracy\n"
+        "study: {pruner: none, seed: 0}\n"
+        "space: {hidden_units: 8, loss: [cross_entropy, huber]}\n"
+    )
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    runner = CliRunner()
+    res = runner.invoke(app, ["run", "pets.yaml", "--n-trials", "2", "--storage", url, "--json"])
+    assert res.exit_code == 0, res.output
+    best = json.loads(runner.invoke(app, ["best", "pets", "--storage", url, "--json"]).stdout)
+    assert 0.0 <= best["value"] <= 1.0 and best["user_attrs"]["val_accuracy"] == pytest.approx(
+        best["value"], abs=1e-6
+    )
+    # String labels end to end: retrain, then predict writes the original labels.
+    res = runner.invoke(app, ["retrain", "pets", "-o", "pets.pt", "--storage", url])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["predict", "pets.pt", "pets.csv", "-o", "pred.csv"])
+    assert res.exit_code == 0, res.output
+    predicted = pd.read_csv(tmp_path / "pred.csv")["prediction"]
+    assert len(predicted) == 90 and set(predicted) <= {"cat", "dog", "eel"}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: {path: pets.csv, target: size, drop: [id]}\nspace: {loss: nll}\n")
+    res = runner.invoke(app, ["run", str(bad), "--n-trials", "1", "--storage", url])
+    assert res.exit_code == 2 and "'nll' does not fit a regression task" in res.output
+
+
+def test_the_example_csv(caplog: pytest.LogCaptureFixture) -> None:
+    space = load_space(ROOT / "search_spaces" / "tumors_csv.yaml")
+    assert Path(space.data.path or "").resolve() == ROOT / "data" / "tumors.csv"
+    with caplog.at_level(logging.WARNING, logger="automl.data"):
+        ds = load_dataset(space.data, seed=space.study.seed or 0)
+    assert "dropped 6 row(s)" in caplog.text
+    assert ds.preprocessor.classes == ["benign", "malignant"]
+    assert "patient_id" not in ds.preprocessor.feature_columns
+    assert ds.preprocessor.categorical == ["size_group"]
+    assert len(ds.X_train) + len(ds.X_val) + len(ds.X_test) == 563
+    raw = pd.read_csv(ROOT / "data" / "tumors.csv")
+    assert raw.drop(columns=["diagnosis"]).isna().sum().sum() > 50  # it does have holes
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "search_spaces").glob("*.yaml")), ids=str)
+def test_every_example_space_loads(path: Path) -> None:
+    space = load_space(path)
+    assert space.study.seed is not None
+
+
+def test_the_csv_example_runs_from_another_folder_with_flags_over_it() -> None:
+    from typer.testing import CliRunner
+
+    from automl.cli import app
+
+    example = ROOT / "search_spaces" / "tumors_csv.yaml"
+    args = ["run", str(example), "--n-trials", "1", "--epochs", "1", "--storage", "sqlite:///s.db"]
+    res = CliRunner().invoke(app, args)  # the working directory is a tmp folder
+    assert res.exit_code == 0, res.output

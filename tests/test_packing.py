@@ -1,0 +1,323 @@
+"""Fused training (packing.py): a member of a fused group follows the same path as the
+same configuration trained alone, ends on its own, and `run --pack` records trials like
+the sequential path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from automl.cli import app
+from automl.data import DeviceData, load_dataset, to_device
+from automl.models import build_model
+from automl.packing import FUSED_OPTIMIZERS, group_configs, group_key, train_packed
+from automl.spaces import DataSpec, TrialConfig
+from automl.training import TrialDiverged, train
+
+RTOL = 1e-4  # float32 rounding differences (bmm vs addmm, padded sums) over 2 epochs
+
+OPTIMIZER_PARAMS: dict[str, dict[str, Any]] = {
+    "sgd": {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4},
+    "adam": {"lr": 2e-3, "weight_decay": 1e-4, "beta1": 0.85},
+    "adamw": {"lr": 2e-3, "weight_decay": 1e-2},
+    "rmsprop": {"lr": 1e-3, "momentum": 0.5, "alpha": 0.95},
+    "adagrad": {"lr": 2e-2, "lr_decay": 0.01},
+    "adadelta": {"lr": 1.0, "rho": 0.85},
+    "adabound": {"lr": 1e-3, "final_lr": 0.05},
+}
+
+
+@pytest.fixture(scope="module")
+def digits() -> DeviceData:
+    torch.set_num_threads(1)
+    return to_device(load_dataset(DataSpec(dataset="digits", validation=0.2), seed=0), "cpu")
+
+
+@pytest.fixture(scope="module")
+def diabetes() -> DeviceData:
+    return to_device(load_dataset(DataSpec(dataset="diabetes", validation=0.2), seed=0), "cpu")
+
+
+def _members(optimizer: str, loss: str, **extra: Any) -> list[TrialConfig]:
+    """Three members that differ in width (one not a multiple of 4, so dropout masks end
+    mid-word), lr, dropout, noise, L1 and schedule."""
+    params = OPTIMIZER_PARAMS[optimizer]
+    base: dict[str, Any] = dict(
+        optimizer=optimizer, loss=loss, batch_size=128, epochs=2, n_layers=2, **extra
+    )
+    return [
+        TrialConfig(optimizer_params=params, hidden_units=33, dropout=0.2, seed=7, l1=1e-5, **base),
+        TrialConfig(
+            optimizer_params={**params, "lr": params["lr"] / 3}, hidden_units=16, seed=3, **base
+        ),
+        TrialConfig(
+            optimizer_params=params,
+            hidden_units=24,
+            dropout=0.1,
+            noise_std=0.1,
+            lr_schedule="cosine",
+            seed=11,
+            **base,
+        ),
+    ]
+
+
+def _assert_same_curves(configs: list[TrialConfig], data: DeviceData) -> None:
+    packed = train_packed(configs, data, objective="val_loss")
+    for config, member in zip(configs, packed, strict=True):
+        assert not isinstance(member, Exception), member
+        alone = train(config, data, objective="val_loss")
+        assert len(member.history) == len(alone.history) == config.epochs
+        for a, p in zip(alone.history, member.history, strict=True):
+            for key in ("train_loss", "val_loss"):
+                assert p[key] == pytest.approx(a[key], rel=RTOL), (config.optimizer, key)
+        assert member.n_params == alone.n_params
+
+
+@pytest.mark.parametrize("optimizer", FUSED_OPTIMIZERS)
+def test_fused_member_matches_alone_for_every_optimizer(optimizer: str, digits: DeviceData) -> None:
+    _assert_same_curves(_members(optimizer, "cross_entropy"), digits)
+
+
+@pytest.mark.parametrize("loss", ["nll", "mse", "huber", "l1", "smooth_l1", "bce"])
+def test_fused_member_matches_alone_for_every_classification_loss(
+    loss: str, digits: DeviceData
+) -> None:
+    _assert_same_curves(_members("adam", loss), digits)
+
+
+def test_fused_label_smoothing_matches_alone(digits: DeviceData) -> None:
+    configs = _members("sgd", "cross_entropy")
+    configs = [
+        TrialConfig.from_dict({**c.to_dict(), "loss_params": {"label_smoothing": 0.1}})
+        for c in configs
+    ]
+    _assert_same_curves(configs, digits)
+
+
+@pytest.mark.parametrize("loss", ["mse", "huber", "l1", "smooth_l1"])
+def test_fused_member_matches_alone_for_every_regression_loss(
+    loss: str, diabetes: DeviceData
+) -> None:
+    _assert_same_curves(_members("adam", loss), diabetes)
+
+
+def test_members_with_different_optimizers_match_alone(digits: DeviceData) -> None:
+    configs = [
+        TrialConfig.from_dict(
+            {
+                **c.to_dict(),
+                "seed": i,
+                "optimizer": name,
+                "optimizer_params": OPTIMIZER_PARAMS[name],
+            }
+        )
+        for i, (c, name) in enumerate(
+            zip(
+                _members("adam", "cross_entropy") * 2,
+                ["sgd", "adam", "rmsprop", "adam", "sgd", "adabound"],
+                strict=True,
+            )
+        )
+    ]
+    _assert_same_curves(configs, digits)
+    # A member that ends early leaves the others (of every optimizer) on their paths.
+    configs = [TrialConfig.from_dict({**c.to_dict(), "epochs": 3}) for c in configs]
+
+    def prune(epoch: int, metrics: dict[str, float]) -> None:
+        raise optuna.TrialPruned("pruned")
+
+    packed = train_packed(configs, digits, on_epoch=[None, prune, None, None, prune, None])
+    assert isinstance(packed[1], optuna.TrialPruned) and isinstance(packed[4], optuna.TrialPruned)
+    for i in (0, 2, 3, 5):
+        member = packed[i]
+        assert not isinstance(member, Exception)
+        alone = train(configs[i], digits)
+        assert [h["val_loss"] for h in member.history] == pytest.approx(
+            [h["val_loss"] for h in alone.history], rel=RTOL
+        )
+
+
+def test_pruned_and_diverged_members_end_alone_without_disturbing_the_rest(
+    digits: DeviceData,
+) -> None:
+    configs = _members("sgd", "cross_entropy")
+    configs[2] = TrialConfig.from_dict(
+        {**configs[2].to_dict(), "optimizer_params": {"lr": 1e4}, "epochs": 2}
+    )
+    configs = [TrialConfig.from_dict({**c.to_dict(), "epochs": 3}) for c in configs]
+
+    def prune_at_first(epoch: int, metrics: dict[str, float]) -> None:
+        raise optuna.TrialPruned(f"pruned at epoch {epoch + 1}")
+
+    seen: list[int] = []
+    packed = train_packed(
+        configs,
+        digits,
+        objective="val_loss",
+        on_epoch=[prune_at_first, lambda epoch, m: seen.append(epoch), None],
+    )
+    assert isinstance(packed[0], optuna.TrialPruned)
+    assert isinstance(packed[2], TrialDiverged)
+    survivor = packed[1]
+    assert not isinstance(survivor, Exception)
+    assert seen == [0, 1, 2]
+    alone = train(configs[1], digits, objective="val_loss")
+    assert [h["train_loss"] for h in survivor.history] == pytest.approx(
+        [h["train_loss"] for h in alone.history], rel=RTOL
+    )
+
+
+def test_patience_stops_members_individually(digits: DeviceData) -> None:
+    configs = [
+        TrialConfig(optimizer="sgd", optimizer_params={"lr": 1e-6}, epochs=6, seed=1),
+        TrialConfig(optimizer="sgd", optimizer_params={"lr": 0.05}, epochs=6, seed=2),
+    ]
+    packed = train_packed(configs, digits, objective="val_accuracy", patience=2)
+    for config, member in zip(configs, packed, strict=True):
+        assert not isinstance(member, Exception)
+        alone = train(config, digits, objective="val_accuracy", patience=2)
+        assert member.epochs_run == alone.epochs_run
+        assert member.stopped_early == alone.stopped_early
+        assert member.best_epoch == alone.best_epoch
+        assert member.metrics["val_accuracy"] == pytest.approx(alone.metrics["val_accuracy"])
+
+
+def test_best_state_loads_into_the_sequential_model(digits: DeviceData) -> None:
+    configs = _members("adam", "cross_entropy")
+    packed = train_packed(configs, digits, objective="val_loss")
+    for config, member in zip(configs, packed, strict=True):
+        assert not isinstance(member, Exception) and member.best_state is not None
+        model = build_model(config, digits.input_shape, digits.n_outputs)
+        model.load_state_dict(member.best_state)
+        model.eval()
+        with torch.no_grad():
+            val_loss = torch.nn.functional.cross_entropy(model(digits.X_val), digits.y_val)
+        assert float(val_loss) == pytest.approx(member.metrics["val_loss"], rel=RTOL)
+
+
+def test_grouping_sends_incompatible_and_lonely_configs_alone() -> None:
+    adam = TrialConfig(optimizer="adam", optimizer_params={"lr": 1e-3})
+    configs = [
+        adam,
+        TrialConfig(optimizer="adam", optimizer_params={"lr": 1e-2}, hidden_units=7),
+        TrialConfig(model="cnn"),
+        TrialConfig(batch_norm=True),
+        TrialConfig(mixup_alpha=0.2),
+        TrialConfig(optimizer="adam", optimizer_params={"lr": 1e-3, "amsgrad": True}),
+        TrialConfig(optimizer="adam", optimizer_params={"lr": 1e-3}, batch_size=32),
+        TrialConfig(optimizer="sgd", optimizer_params={"lr": 1e-2}),
+        TrialConfig(optimizer="sgd", optimizer_params={"lr": 1e-1}, dropout=0.3),
+        TrialConfig(optimizer="adam", optimizer_params={"lr": 1e-4}, n_layers=3),
+    ]
+    assert group_key(configs[2]) is None and group_key(configs[3]) is None
+    groups, alone = group_configs(configs)
+    assert groups == [[0, 1, 7, 8]]  # optimizers may differ inside a group
+    assert alone == [2, 3, 4, 5, 6, 9]
+    groups, alone = group_configs([adam] * 5, max_size=2)
+    assert groups == [[0, 1], [2, 3]] and alone == [4]
+
+
+def test_train_packed_refuses_incompatible_configs(digits: DeviceData) -> None:
+    with pytest.raises(ValueError, match="group_key"):
+        train_packed([TrialConfig(), TrialConfig(batch_size=32)], digits)
+
+
+def _trials(storage_url: str, study: str) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=study, storage=storage_url).get_trials()
+
+
+def test_run_pack_records_trials_like_the_sequential_path(tiny_space: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    packed_url = f"sqlite:///{tmp_path / 'packed.db'}"
+    serial_url = f"sqlite:///{tmp_path / 'serial.db'}"
+    args = ["run", str(tiny_space), "--n-trials", "6", "--json", "--device", "cpu"]
+    result = runner.invoke(app, [*args, "--pack", "4", "--storage", packed_url])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["n_complete"] + doc["n_pruned"] == 6
+    result = runner.invoke(app, [*args, "--storage", serial_url])
+    assert result.exit_code == 0, result.output
+    packed, serial = _trials(packed_url, "tiny"), _trials(serial_url, "tiny")
+    assert len(packed) == 6
+    optional = {"weights_path"}  # only on trials that were the best when they ended
+    serial_keys = set(serial[0].user_attrs) - optional
+    for trial in packed:
+        assert trial.state == optuna.trial.TrialState.COMPLETE
+        assert set(trial.user_attrs) - optional == serial_keys
+        assert sorted(trial.intermediate_values) == [0, 1, 2]
+        assert trial.value == pytest.approx(
+            trial.intermediate_values[trial.user_attrs["best_epoch"] - 1]
+        )
+    # A pack shares its first trial's structure, so its members fuse.
+    by_number = {t.number: t for t in packed}
+    for number in (1, 2, 3):
+        for name in ("n_layers", "batch_size", "loss"):
+            assert by_number[number].params[name] == by_number[0].params[name]
+    # The best trial keeps its weights (a beaten best gave its file up).
+    best = max(t.value for t in packed)
+    kept = [t for t in packed if Path(t.user_attrs.get("weights_path", "-")).is_file()]
+    assert kept and all(t.value == best for t in kept)
+    # The first pack trains the same configurations as the first serial trials would
+    # (same sampler seed, nothing finished yet): a trial both ran scored the same.
+    by_params = {json.dumps(t.params, sort_keys=True): t for t in serial}
+    same = [t for t in packed if json.dumps(t.params, sort_keys=True) in by_params]
+    assert same, "the first asked trial is the same in both runs"
+    for trial in same:
+        twin = by_params[json.dumps(trial.params, sort_keys=True)]
+        assert trial.value == pytest.approx(twin.value, abs=1e-6)
+
+
+def test_configure_threads_honours_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from automl.training import configure_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("AUTOML_NUM_THREADS", "2")
+        assert configure_threads("cpu") == 2
+        monkeypatch.delenv("AUTOML_NUM_THREADS")
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        assert configure_threads("cpu") == 1  # the default for a search's small models
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+def test_sigint_during_a_pack_leaves_no_trial_running(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    url = f"sqlite:///{tmp_path / 'int.db'}"
+    cmd = [sys.executable, "-c", "from automl.cli import app; app()", "run"]
+    args = ["--dataset", "digits", "--epochs", "30", "--n-trials", "200", "--pack", "4"]
+    proc = subprocess.Popen(
+        [*cmd, *args, "--storage", url, "--device", "cpu", "--json"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    running = 0
+    while time.monotonic() < deadline and running == 0:  # wait until a pack trains
+        time.sleep(0.5)
+        try:
+            trials = optuna.load_study(study_name="digits", storage=url).get_trials()
+        except Exception:  # the study or its file does not exist yet
+            continue
+        running = sum(t.state == optuna.trial.TrialState.RUNNING for t in trials)
+    assert running, "no trial started"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    states = [t.state for t in optuna.load_study(study_name="digits", storage=url).trials]
+    assert optuna.trial.TrialState.RUNNING not in states
+    assert optuna.trial.TrialState.WAITING in states  # interrupted members queued again

@@ -1,0 +1,425 @@
+"""retrain and predict on real (tiny) searches: iris from a CSV with text labels."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from automl.cli import app
+from automl.retrain import load_model_file, predict_frame, trial_config
+from automl.spaces import TrialConfig, load_space
+from automl.studies import RunOptions, load_study, run_study
+
+runner = CliRunner()
+
+SPACE = """\
+name: flowers
+data:
+  path: ../data/flowers.csv
+  target: species
+  drop: [row_id]
+  validation: 0.2
+  test: 0.2
+model: mlp
+train:
+  epochs: 6
+  patience: 0
+objective: val_accuracy
+study:
+  sampler: random
+  pruner: none
+  seed: 3
+space:
+  optimizer:
+    adam:
+      lr: {low: 1.0e-2, high: 5.0e-2, log: true}
+  loss: cross_entropy
+  batch_size: 16
+  hidden_units: [8, 16]
+  n_layers: 1
+"""
+PARETO = SPACE.replace("name: flowers", "name: flowers-pareto").replace(
+    "objective: val_accuracy", "objective: [val_accuracy, n_params]"
+)
+
+
+def _flowers() -> pd.DataFrame:
+    from sklearn.datasets import load_iris
+
+    bunch = load_iris(as_frame=True)
+    frame = bunch.frame.drop(columns=["target"])
+    frame["species"] = np.array(bunch.target_names)[bunch.target]
+    frame.insert(0, "row_id", range(len(frame)))
+    return frame
+
+
+class Searched:
+    def __init__(self, root: Path, url: str) -> None:
+        self.root = root
+        self.url = url
+        self.frame = _flowers()
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Searched]:
+    """One real search of 3 trials (the data path relative to the space file)."""
+    root = tmp_path_factory.mktemp("retrain")
+    (root / "data").mkdir()
+    (root / "spaces").mkdir()
+    _flowers().to_csv(root / "data" / "flowers.csv", index=False)
+    (root / "spaces" / "flowers.yaml").write_text(SPACE)
+    (root / "spaces" / "pareto.yaml").write_text(PARETO)
+    url = f"sqlite:///{root / 'studies.db'}"
+    old = Path.cwd()
+    os.chdir(root / "spaces")
+    try:
+        for file, name in (("flowers.yaml", "flowers"), ("pareto.yaml", "flowers-pareto")):
+            space = load_space(file)
+            run_study(space, RunOptions(study_name=name, storage_url=url, n_trials=3, device="cpu"))
+    finally:
+        os.chdir(old)
+    yield Searched(root, url)
+
+
+def _retrain(searched: Searched, out: Path, *extra: str) -> object:
+    return runner.invoke(
+        app,
+        [
+            "retrain",
+            "flowers",
+            "--storage",
+            searched.url,
+            "-o",
+            str(out),
+            "--device",
+            "cpu",
+            *extra,
+        ],
+    )
+
+
+def test_retrain_saves_one_weights_only_file(searched: Searched, tmp_path: Path) -> None:
+    out = tmp_path / "models" / "flowers.pt"
+    result = _retrain(searched, out)  # run from tmp_path: the data path was stored absolute
+    assert result.exit_code == 0, result.stderr
+    study = load_study("flowers", searched.url)
+    best = study.best_trial
+    assert f"trial #{best.number} of 'flowers'" in result.stdout
+    assert "trained on 120 rows (train + validation)" in result.stdout  # 150 - 30 test rows
+    assert "test split (30 rows): " in result.stdout and "test_accuracy 0." in result.stdout
+
+    doc = torch.load(out, weights_only=True)  # nothing that needs unpickling objects
+    assert doc["format"] == "automl-model" and doc["task"] == "classification"
+    assert doc["classes"] == ["setosa", "versicolor", "virginica"]
+    assert doc["input_shape"] == [4]
+    assert doc["preprocessor"]["numeric"] == [c for c in _flowers().columns[1:5]]
+    assert len(doc["preprocessor"]["means"]) == 4 and len(doc["preprocessor"]["scales"]) == 4
+    assert doc["preprocessor"]["target"] == "species"
+    space = load_space(searched.root / "spaces" / "flowers.yaml")
+    assert TrialConfig.from_dict(doc["config"]) == trial_config(study, best, space)
+    prov = doc["provenance"]
+    assert prov["study"] == "flowers" and prov["trial"] == best.number
+    assert prov["epochs"] == best.user_attrs["best_epoch"]
+    assert prov["params"] == best.params
+    assert 0.0 <= prov["test_metrics"]["test_accuracy"] <= 1.0
+    assert set(doc["state_dict"]) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+
+
+def test_retrain_is_reproducible_and_json(searched: Searched, tmp_path: Path) -> None:
+    first, second = tmp_path / "a.pt", tmp_path / "b.pt"
+    assert _retrain(searched, first).exit_code == 0
+    result = _retrain(searched, second, "--json")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["n_train"] == 120 and doc["n_test"] == 30 and doc["reused"] is False
+    assert set(doc["test_metrics"]) == {
+        "test_accuracy",
+        "test_balanced_accuracy",
+        "test_f1",
+        "test_loss",
+    }
+    a = torch.load(first, weights_only=True)["state_dict"]
+    b = torch.load(second, weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_retrain_a_chosen_trial_and_bad_choices(searched: Searched, tmp_path: Path) -> None:
+    result = _retrain(searched, tmp_path / "t0.pt", "--trial", "0")
+    assert result.exit_code == 0, result.stderr
+    assert torch.load(tmp_path / "t0.pt", weights_only=True)["provenance"]["trial"] == 0
+    missing = _retrain(searched, tmp_path / "t9.pt", "--trial", "9")
+    assert missing.exit_code == 2
+    assert "no trial #9 (trials: 0..2)" in missing.stderr
+    assert not (tmp_path / "t9.pt").exists()
+    unknown = runner.invoke(app, ["retrain", "nope", "--storage", searched.url, "-o", "x.pt"])
+    assert unknown.exit_code == 2
+    no_output = runner.invoke(app, ["retrain", "flowers", "--storage", searched.url])
+    assert no_output.exit_code == 2
+
+
+def test_multi_objective_needs_a_trial(searched: Searched, tmp_path: Path) -> None:
+    out = tmp_path / "p.pt"
+    result = runner.invoke(
+        app, ["retrain", "flowers-pareto", "--storage", searched.url, "-o", str(out)]
+    )
+    assert result.exit_code == 2
+    assert "pick a trial on its Pareto front with --trial N" in result.stderr
+    assert "on the Pareto front" in result.stderr  # the front is shown to pick from
+    assert not out.exists()
+    study = load_study("flowers-pareto", searched.url)
+    number = study.best_trials[0].number
+    chosen = runner.invoke(
+        app,
+        [
+            "retrain",
+            "flowers-pareto",
+            "--storage",
+            searched.url,
+            "-o",
+            str(out),
+            "--trial",
+            str(number),
+            "--device",
+            "cpu",
+        ],
+    )
+    assert chosen.exit_code == 0, chosen.stderr
+    assert torch.load(out, weights_only=True)["provenance"]["values"] == study.trials[number].values
+
+
+def test_reuse_takes_the_weights_the_search_kept(searched: Searched, tmp_path: Path) -> None:
+    study = load_study("flowers", searched.url)
+    best = study.best_trial
+    kept = best.user_attrs.get("weights_path")
+    if kept is None or not Path(kept).is_file():
+        pytest.skip("this search kept no weights (checkpoints are off)")
+    out = tmp_path / "reused.pt"
+    result = _retrain(searched, out, "--reuse")
+    assert result.exit_code == 0, result.stderr
+    assert "took the weights the search kept" in result.stdout
+    saved = torch.load(kept, weights_only=True)["model"]
+    doc = torch.load(out, weights_only=True)
+    assert doc["provenance"]["reused"] is True
+    assert all(torch.equal(saved[k], doc["state_dict"][k]) for k in saved)
+
+
+def test_reuse_without_kept_weights_is_a_clear_error(searched: Searched, tmp_path: Path) -> None:
+    study = load_study("flowers", searched.url)
+    others = [t for t in study.trials if t.number != study.best_trial.number]
+    trial = next(t for t in others if not Path(t.user_attrs.get("weights_path", "-")).is_file())
+    result = _retrain(searched, tmp_path / "r.pt", "--reuse", "--trial", str(trial.number))
+    assert result.exit_code == 2
+    assert f"kept no weights for trial #{trial.number}" in result.stderr
+    assert "without --reuse" in result.stderr
+
+
+# --------------------------------------------------------------------------- predict
+
+
+@pytest.fixture(scope="module")
+def model_file(searched: Searched, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("model") / "flowers.pt"
+    result = runner.invoke(
+        app, ["retrain", "flowers", "--storage", searched.url, "-o", str(out), "--device", "cpu"]
+    )
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
+def test_predict_keeps_rows_and_labels(model_file: Path, tmp_path: Path) -> None:
+    frame = _flowers().sample(frac=1.0, random_state=0).reset_index(drop=True)
+    frame["comment"] = "x"  # an extra column: ignored with a warning
+    frame.to_csv(tmp_path / "in.csv", index=False)
+    result = runner.invoke(app, ["predict", str(model_file), str(tmp_path / "in.csv")])
+    assert result.exit_code == 0, result.stderr
+    out = pd.read_csv(io.StringIO(result.stdout))
+    assert list(out.columns) == ["prediction"]
+    assert len(out) == 150
+    assert set(out["prediction"]) <= {"setosa", "versicolor", "virginica"}
+    assert (out["prediction"] == frame["species"]).mean() > 0.6  # a trained model, in order
+    assert "ignoring 1 column(s)" in result.stderr and "comment" in result.stderr
+    # the same rows in another order give the same predictions in that order
+    loaded = load_model_file(model_file)
+    reordered = predict_frame(loaded, frame.iloc[::-1].reset_index(drop=True)).frame
+    assert list(reordered["prediction"]) == list(out["prediction"][::-1])
+
+
+def test_predict_proba_to_a_file_and_parquet(model_file: Path, tmp_path: Path) -> None:
+    frame = _flowers().drop(columns=["species"])  # no target: fine
+    frame.to_parquet(tmp_path / "in.parquet")
+    out = tmp_path / "out" / "pred.csv"
+    result = runner.invoke(
+        app, ["predict", str(model_file), str(tmp_path / "in.parquet"), "-o", str(out), "--proba"]
+    )
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == ""
+    assert "wrote 150 predictions" in result.stderr
+    pred = pd.read_csv(out)
+    classes = ["setosa", "versicolor", "virginica"]
+    assert list(pred.columns) == ["prediction", *[f"proba_{c}" for c in classes]]
+    probs = pred[[f"proba_{c}" for c in classes]].to_numpy()
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)  # rounded to 6 decimals
+    assert (np.array(classes)[probs.argmax(axis=1)] == pred["prediction"]).all()
+
+
+def test_predict_missing_column_is_bad_input(model_file: Path, tmp_path: Path) -> None:
+    frame = _flowers().drop(columns=["petal width (cm)"])
+    frame.to_csv(tmp_path / "in.csv", index=False)
+    result = runner.invoke(app, ["predict", str(model_file), str(tmp_path / "in.csv")])
+    assert result.exit_code == 2
+    assert "lacks the feature column(s) petal width (cm)" in result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"not a model", "not an automl model file"),
+        (None, "no such model file"),
+    ],
+)
+def test_predict_with_a_bad_model_file(content: bytes | None, message: str, tmp_path: Path) -> None:
+    path = tmp_path / "m.pt"
+    if content is not None:
+        path.write_bytes(content)
+    (tmp_path / "in.csv").write_text("a,b\n1,2\n")
+    result = runner.invoke(app, ["predict", str(path), str(tmp_path / "in.csv")])
+    assert result.exit_code == 2
+    assert message in result.stderr
+
+
+def test_predict_refuses_a_pickle_that_would_run_code(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"format": "automl-model", "x": Evil()}, tmp_path / "evil.pt")
+    (tmp_path / "in.csv").write_text("a\n1\n")
+    result = runner.invoke(app, ["predict", str(tmp_path / "evil.pt"), str(tmp_path / "in.csv")])
+    assert result.exit_code == 2
+    assert not marker.exists()
+
+
+def test_npz_model_predicts_integer_labels(tmp_path: Path) -> None:
+    from sklearn.datasets import load_iris
+
+    X, y = load_iris(return_X_y=True)
+    np.savez(tmp_path / "iris.npz", X=X, y=y)
+    space = SPACE.replace("../data/flowers.csv", "iris.npz").replace("  target: species\n", "")
+    space = space.replace("  drop: [row_id]\n", "").replace("epochs: 6", "epochs: 2")
+    (tmp_path / "npz.yaml").write_text(space)
+    url = f"sqlite:///{tmp_path / 'npz.db'}"
+    run = runner.invoke(
+        app,
+        [
+            "run",
+            "npz.yaml",
+            "--storage",
+            url,
+            "--n-trials",
+            "1",
+            "--study",
+            "npz",
+            "--device",
+            "cpu",
+        ],
+    )
+    assert run.exit_code == 0, run.stderr
+    model = tmp_path / "npz.pt"
+    assert runner.invoke(app, ["retrain", "npz", "--storage", url, "-o", str(model)]).exit_code == 0
+    np.savez(tmp_path / "new.npz", X=X[:7])
+    result = runner.invoke(app, ["predict", str(model), str(tmp_path / "new.npz")])
+    assert result.exit_code == 0, result.stderr
+    out = pd.read_csv(io.StringIO(result.stdout))
+    assert len(out) == 7
+    assert out["prediction"].dtype == np.int64
+    assert set(out["prediction"]) <= {0, 1, 2}
+
+
+def _small_run(tmp_path: Path, name: str, data: str, model: str, objective: str) -> str:
+    space = f"""\
+name: {name}
+data: {{dataset: {data}, validation: 0.2}}
+model: {model}
+train: {{epochs: 2, patience: 0}}
+objective: {objective}
+study: {{sampler: random, pruner: none, seed: 0}}
+space:
+  optimizer: {{adam: {{lr: 0.01}}}}
+  loss: mse
+  batch_size: 32
+  hidden_units: 16
+  n_layers: 1
+"""
+    (tmp_path / f"{name}.yaml").write_text(space)
+    url = f"sqlite:///{tmp_path / 'small.db'}"
+    result = runner.invoke(
+        app, ["run", f"{name}.yaml", "--storage", url, "--n-trials", "1", "--device", "cpu"]
+    )
+    assert result.exit_code == 0, result.stderr
+    out = runner.invoke(app, ["retrain", name, "--storage", url, "-o", f"{name}.pt"])
+    assert out.exit_code == 0, out.stderr
+    return f"{name}.pt"
+
+
+def test_regression_predicts_in_the_targets_units(tmp_path: Path) -> None:
+    from sklearn.datasets import load_diabetes
+
+    model = _small_run(tmp_path, "diab", "diabetes", "mlp", "val_rmse")
+    frame = load_diabetes(as_frame=True).frame
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    result = runner.invoke(app, ["predict", model, str(tmp_path / "d.csv")])
+    assert result.exit_code == 0, result.stderr
+    pred = pd.read_csv(io.StringIO(result.stdout))["prediction"]
+    assert len(pred) == len(frame) and pred.dtype == np.float64
+    # decoded from the standardised output: in the target's range, not around 0
+    assert 50 < pred.mean() < 300
+    proba = runner.invoke(app, ["predict", model, str(tmp_path / "d.csv"), "--proba"])
+    assert proba.exit_code == 2
+    assert "--proba needs a classification model" in proba.stderr
+
+
+def test_cnn_model_predicts_images(tmp_path: Path) -> None:
+    from sklearn.datasets import load_digits
+
+    model = _small_run(tmp_path, "dcnn", "digits", "cnn", "val_accuracy")
+    doc = torch.load(model, weights_only=True)
+    assert doc["input_shape"] == [1, 8, 8]
+    frame = load_digits(as_frame=True).frame.head(40)
+    frame.to_csv(tmp_path / "digits.csv", index=False)
+    result = runner.invoke(app, ["predict", model, str(tmp_path / "digits.csv"), "--proba"])
+    assert result.exit_code == 0, result.stderr
+    out = pd.read_csv(io.StringIO(result.stdout))
+    assert len(out) == 40
+    assert list(out.columns) == ["prediction", *[f"proba_{d}" for d in range(10)]]
+    assert set(out["prediction"]) <= set(range(10))
+
+
+@pytest.mark.parametrize(("run_seed", "number"), [(7, 5), (None, 2), (3, 0), (123456, 41)])
+def test_data_seed_is_found_from_the_trials_seed(
+    run_seed: int | None, number: int, tmp_path: Path
+) -> None:
+    """`run --seed N` splits the data with N: retrain must find N again to split alike."""
+    import optuna
+    import yaml
+
+    from automl.objective import trial_seed
+    from automl.retrain import data_seed
+    from automl.spaces import parse_space
+
+    space = parse_space(yaml.safe_load(SPACE), source=SPACE)  # study.seed: 3
+    study = optuna.create_study()
+    trial = optuna.trial.create_trial(value=0.5, user_attrs={"seed": trial_seed(run_seed, number)})
+    trial.number = number
+    assert data_seed(study, trial, space) == (run_seed or 0)

@@ -1,0 +1,92 @@
+"""A real search end to end: training learns, results are reproducible with a seed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+
+from automl.data import load_dataset, resolve_device, to_device
+from automl.errors import DeviceError
+from automl.spaces import TrialConfig, load_space
+from automl.studies import RunOptions, run_study
+from automl.training import train
+
+
+def test_a_tiny_training_run_learns() -> None:
+    from automl.spaces import DataSpec
+
+    dataset = load_dataset(DataSpec(dataset="digits"), seed=0)
+    data = to_device(dataset, "cpu")
+    config = TrialConfig(
+        optimizer="adam", optimizer_params={"lr": 3e-3}, epochs=4, hidden_units=64, seed=0
+    )
+    result = train(config, data, objective="val_accuracy")
+    losses = [h["train_loss"] for h in result.history]
+    assert losses[-1] < 0.5 * losses[0]
+    assert result.metrics["val_accuracy"] > 0.9
+    assert result.epochs_run == 4
+    assert result.n_params == 64 * 64 + 64 + 64 * 64 + 64 + 64 * 10 + 10
+
+
+def test_splits_are_standardized_on_train_and_stratified() -> None:
+    from automl.spaces import DataSpec
+
+    dataset = load_dataset(DataSpec(dataset="iris", validation=0.2, test=0.2), seed=3)
+    assert len(dataset.X_train) + len(dataset.X_val) + len(dataset.X_test) == 150
+    assert len(dataset.X_test) == 30 and len(dataset.X_val) == 30
+    assert abs(float(dataset.X_train.mean())) < 1e-5
+    assert float(dataset.X_train.std()) == pytest.approx(1.0, abs=1e-3)
+    # Stratified: every class has 10 rows in the test split.
+    import numpy as np
+
+    assert np.bincount(dataset.y_test).tolist() == [10, 10, 10]
+
+
+def _values(storage: str, name: str) -> list[tuple[dict[str, object], float | None]]:
+    study = optuna.load_study(study_name=name, storage=storage)
+    return [(t.params, t.value) for t in study.trials]
+
+
+def test_same_seed_same_trials(tiny_space: Path, tmp_path: Path) -> None:
+    space = load_space(tiny_space)
+    runs = []
+    for i in range(2):
+        url = f"sqlite:///{tmp_path / f'r{i}.db'}"
+        run_study(
+            space, RunOptions(study_name="tiny", storage_url=url, n_trials=4, device="cpu", seed=42)
+        )
+        runs.append(_values(url, "tiny"))
+    assert runs[0] == runs[1]
+    url = f"sqlite:///{tmp_path / 'other.db'}"
+    run_study(
+        space, RunOptions(study_name="tiny", storage_url=url, n_trials=4, device="cpu", seed=43)
+    )
+    assert _values(url, "tiny") != runs[0]
+
+
+@pytest.mark.slow
+def test_ten_trial_digits_search_reaches_095(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parent.parent
+    space = load_space(root / "search_spaces" / "digits_mlp.yaml")
+    url = f"sqlite:///{tmp_path / 'd.db'}"
+    summary = run_study(
+        space, RunOptions(study_name="d", storage_url=url, n_trials=10, device="cpu")
+    )
+    assert summary.n_run == 10
+    study = optuna.load_study(study_name="d", storage=url)
+    assert study.best_value >= 0.95
+
+
+def test_device_resolution() -> None:
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") in ("cpu", "cuda", "mps")
+    with pytest.raises(DeviceError, match="cuda:7"):
+        import torch
+
+        if torch.cuda.device_count() > 7:
+            pytest.skip("this machine has 8 GPUs")
+        resolve_device("cuda:7")
+    with pytest.raises(DeviceError, match="unknown device 'tpu'"):
+        resolve_device("tpu")

@@ -1,0 +1,79 @@
+"""storage_cache.RunStorage: fewer reads, never a stale view of its own trials, user
+attributes in one write; and the cheap best-trial rule of the run loop."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from optuna.storages import RDBStorage
+from optuna.trial import TrialState
+
+from automl.storage_cache import RunStorage
+from automl.studies import _best_numbers
+
+
+def _study(storage: object, name: str = "s", direction: str = "minimize") -> optuna.Study:
+    return optuna.create_study(
+        study_name=name, storage=storage, direction=direction, load_if_exists=True
+    )
+
+
+def test_own_trials_are_seen_at_once_and_others_after_refresh(storage_url: str) -> None:
+    mine = RunStorage(RDBStorage(storage_url), refresh=3600)
+    study = _study(mine)
+    trial = study.ask()
+    study.tell(trial, 1.0)
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE]  # own tell: seen
+    other = _study(storage_url)  # another worker, its own connection
+    other.tell(other.ask(), 0.5)
+    assert len(study.get_trials()) == 1  # within the refresh interval: not re-read
+    study.ask()  # asking changes the set of trials: the next read goes to the database
+    states = sorted(t.state.name for t in study.get_trials())
+    assert states == ["COMPLETE", "COMPLETE", "RUNNING"]
+    fresh = RunStorage(RDBStorage(storage_url), refresh=0.0)
+    other.tell(other.ask(), 0.1)
+    assert len(_study(fresh).get_trials()) == 4
+
+
+def test_user_attrs_in_one_write_round_trip_and_overwrite(storage_url: str) -> None:
+    study = _study(RunStorage(RDBStorage(storage_url)))
+    trial = study.ask()
+    storage = study._storage
+    assert isinstance(storage, RunStorage)
+    storage.set_trial_user_attrs(trial._trial_id, {"a": 1, "b": [1, 2], "c": "x"})
+    storage.set_trial_user_attrs(trial._trial_id, {"a": 2.5, "d": None})
+    study.tell(trial, 0.0)
+    attrs = _study(storage_url).trials[0].user_attrs
+    assert attrs == {"a": 2.5, "b": [1, 2], "c": "x", "d": None}
+    with pytest.raises(RuntimeError):  # a finished trial is not updatable
+        storage.set_trial_user_attrs(trial._trial_id, {"a": 3})
+
+
+def test_best_numbers_keeps_ties_like_best_trials(storage_url: str) -> None:
+    study = _study(storage_url, direction="maximize")
+    assert _best_numbers(study) == []
+    for value in (0.5, 0.9, 0.9, 0.1):
+        study.tell(study.ask(), value)
+    study.tell(study.ask(), state=TrialState.PRUNED)
+    assert _best_numbers(study) == [t.number for t in study.best_trials] == [1, 2]
+    pareto = optuna.create_study(storage=storage_url, directions=["minimize", "maximize"])
+    for values in ([1.0, 1.0], [2.0, 2.0], [2.0, 0.5], [0.5, 0.5]):
+        pareto.tell(pareto.ask(), values)
+    assert sorted(_best_numbers(pareto)) == sorted(t.number for t in pareto.best_trials)
+
+
+def test_parameters_are_written_together_before_anything_else(storage_url: str) -> None:
+    storage = RunStorage(RDBStorage(storage_url))
+    study = _study(storage)
+    trial = study.ask()
+    trial.suggest_float("x", 0.0, 1.0)
+    trial.suggest_categorical("c", ["a", "b"])
+    assert _study(storage_url).trials[0].params == {}  # buffered
+    storage.flush_params(trial._trial_id)
+    assert set(_study(storage_url).trials[0].params) == {"x", "c"}
+    trial.suggest_int("n", 1, 3)
+    trial.report(0.5, 0)  # any other write to the trial writes the buffer first
+    assert set(_study(storage_url).trials[0].params) == {"x", "c", "n"}
+    study.tell(trial, 1.0)
+    with pytest.raises(ValueError):  # a clashing distribution is refused at once
+        study.ask().suggest_int("x", 0, 5)
