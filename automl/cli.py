@@ -949,5 +949,39 @@ def space_new(
     _stdout().print(f"wrote {file}; try: automl space check {file} && automl run {file}")
 
 
+def entry() -> None:
+    """The ``automl`` console script: the app, then a prompt exit.
+
+    A process that imported torch, Optuna and pandas spends 0.5-1 s tearing their modules
+    down at exit (BENCHMARKS.md), for nothing: so once the command has finished, output
+    is flushed, logs and database connections are closed, and the process ends at once."""
+    import os
+
+    code: Any = 0
+    try:
+        app()
+    except SystemExit as exc:
+        code = exc.code
+    except KeyboardInterrupt:
+        code = 130
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except Exception:  # a closed pipe (automl ... | head): nothing left to say
+            pass
+        logging.shutdown()
+        if "automl.storage" in sys.modules:
+            from automl.storage import close_storages
+
+            close_storages()
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    os._exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    app()
+    entry()

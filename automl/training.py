@@ -105,6 +105,7 @@ OPTIMIZERS: dict[str, OptimizerFactory] = {
 
 
 def build_optimizer(config: TrialConfig, params: Iterable[Any]) -> torch.optim.Optimizer:
+    _skip_dynamo_import()
     kwargs = dict(config.optimizer_params)
     if config.optimizer == "sgd" and kwargs.get("nesterov") and not kwargs.get("momentum"):
         kwargs["nesterov"] = False  # torch refuses nesterov without momentum
@@ -117,6 +118,71 @@ def build_optimizer(config: TrialConfig, params: Iterable[Any]) -> torch.optim.O
         # MLP's step on CPU (BENCHMARKS.md). Same update rule.
         kwargs.setdefault("fused", True)
     return OPTIMIZERS[config.optimizer](params, kwargs)
+
+
+# torch.optim wraps an optimizer's constructor helpers, ``state_dict`` and ``step`` in
+# functions that import ``torch._dynamo`` on first use, only to tell torch.compile not to
+# trace them: about 1 s of every process's start, and more at exit. automl never compiles
+# an optimizer, so it marks those helpers as already disabled (the marker torch itself
+# caches) and calls ``step`` without its wrappers (``optimizer_step``). Should a torch
+# release change these internals, the marking finds nothing and torch works as usual.
+_DYNAMO_SKIPPED = False
+
+
+def _skip_dynamo_import() -> None:
+    global _DYNAMO_SKIPPED
+    if _DYNAMO_SKIPPED:
+        return
+    _DYNAMO_SKIPPED = True
+    import sys
+
+    if "torch._dynamo" in sys.modules:
+        return
+    try:
+        import torch._compile as compile_module
+
+        wrapper_file = compile_module.__file__
+        modules = [m for n, m in list(sys.modules.items()) if n.startswith("torch.optim")]
+        for module in modules:
+            candidates = list(vars(module).values())
+            for obj in list(candidates):
+                if isinstance(obj, type):
+                    candidates.extend(vars(obj).values())
+            for obj in candidates:
+                inner = getattr(obj, "__wrapped__", None)
+                code = getattr(obj, "__code__", None)
+                if inner is not None and code is not None and code.co_filename == wrapper_file:
+                    inner.__dynamo_disable = inner
+    except Exception:  # internals moved: torch imports dynamo as it always did
+        return
+
+
+_RAW_STEPS: dict[type, Callable[[Any], Any] | None] = {}
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
+    """``optimizer.step()``: the same update, without the wrappers that import dynamo and
+    run the (here never registered) step hooks; with hooks, the ordinary call."""
+    from torch.optim import optimizer as optim_module
+
+    cls = type(optimizer)
+    if cls not in _RAW_STEPS:
+        raw: Any = cls.step
+        while hasattr(raw, "__wrapped__"):
+            raw = raw.__wrapped__
+        _RAW_STEPS[cls] = raw if raw is not cls.step else None
+    raw = _RAW_STEPS[cls]
+    hooked = (
+        optimizer._optimizer_step_pre_hooks
+        or optimizer._optimizer_step_post_hooks
+        or getattr(optim_module, "_global_optimizer_pre_hooks", None)
+        or getattr(optim_module, "_global_optimizer_post_hooks", None)
+    )
+    if raw is None or hooked or optimizer.defaults.get("differentiable"):
+        optimizer.step()
+        return
+    with torch.no_grad():
+        raw(optimizer)
 
 
 # torch's fused optimizer kernels by device type (torch >= 2.4).
@@ -355,7 +421,7 @@ def train_step(
         for p in group["params"]:
             p.grad = None
     loss.backward()
-    optimizer.step()
+    optimizer_step(optimizer)
     return loss.detach()
 
 

@@ -308,7 +308,7 @@ def automl_command() -> list[str]:
     script = Path(sys.executable).with_name("automl")
     if script.exists():
         return [str(script)]
-    return [sys.executable, "-c", "from automl.cli import app; app()"]
+    return [sys.executable, "-c", "from automl.cli import entry; entry()"]
 
 
 def _sleep(seconds: float) -> None:

@@ -296,7 +296,7 @@ def test_sigint_during_a_pack_leaves_no_trial_running(tmp_path: Path) -> None:
     import time
 
     url = f"sqlite:///{tmp_path / 'int.db'}"
-    cmd = [sys.executable, "-c", "from automl.cli import app; app()", "run"]
+    cmd = [sys.executable, "-c", "from automl.cli import entry; entry()", "run"]
     args = ["--dataset", "digits", "--epochs", "30", "--n-trials", "200", "--pack", "4"]
     proc = subprocess.Popen(
         [*cmd, *args, "--storage", url, "--device", "cpu", "--json"],

@@ -473,7 +473,7 @@ def test_the_environment_variable_is_masked_too(space_file: Path) -> None:
 
 
 def test_a_debug_traceback_in_a_real_process_does_not_show_the_password(tmp_path: Path) -> None:
-    code = "from automl.cli import app; app()"
+    code = "from automl.cli import entry; entry()"
     proc = subprocess.run(
         [sys.executable, "-c", code, "--debug", "studies", "--storage", UNREACHABLE],
         capture_output=True,
