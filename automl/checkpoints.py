@@ -19,7 +19,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +99,9 @@ class Checkpointer:
         self.last_epoch = 0  # epochs done at the last write (1-based count)
         self._last_save = time.monotonic()
         self._save_seconds = 0.0
+        # Called before each write: the run writes the trial's buffered reports, so the
+        # storage holds every epoch up to the checkpoint (storage_cache.flush_reports).
+        self.before_save: Callable[[], None] | None = None
 
     @property
     def path(self) -> Path:
@@ -137,6 +140,8 @@ class Checkpointer:
         since = now - self._last_save
         if not force and self._save_seconds > MAX_OVERHEAD * since:
             return False
+        if self.before_save is not None:
+            self.before_save()
         # fsync costs ~5 ms: worth it after a long epoch, not after a 10 ms one (whose
         # loss to a power cut costs less; an unreadable file is skipped on resume).
         atomic_save(state, self.path, durable=since >= DURABLE_AFTER)

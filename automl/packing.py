@@ -920,7 +920,7 @@ def _room(run: Any) -> int:
     if opts.n_trials is not None:
         room.append(opts.n_trials - run.summary.n_run)
     if opts.until is not None:
-        room.append(opts.until - n_finished(run.study))
+        room.append(opts.until - n_finished(run.study, fresh=True))
     elif run.target is not None:
         room.append(run.target - run.summary.n_run)
     return max(1, min(room)) if room else max(1, int(opts.pack))

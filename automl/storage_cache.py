@@ -17,11 +17,21 @@ a trial goes through this object, so a copy kept in step with those writes is wh
 database holds (Optuna otherwise loads the whole trial, five queries, on each of the
 five reads a trial makes of itself: ``Trial()``, ``tell`` twice, system attributes).
 
-Writes: every report is in the database at once (for the dashboard and other workers'
-pruners); a trial's suggested parameters are buffered and written in one transaction
-when the configuration is complete (``flush_params``, called by the objective before
+A trial this process finishes goes into the cache as it is told (its state, values and
+end time are what the database now holds), so asking the next trial reads nothing.
+
+Writes: a trial's suggested parameters are buffered and written in one transaction when
+the configuration is complete (``flush_params``, called by the objective before
 training) or before anything else touches the trial; user attributes are written in one
-statement (``set_trial_user_attrs``).
+statement (``set_trial_user_attrs``). Reports (intermediate values) of this process's own
+running trials are buffered too and written in one statement at most every ``refresh``
+seconds, before the trial's end is written, before any other write to the trial, and
+before a checkpoint is saved (``flush_reports``, so a resumed trial finds every epoch up
+to its checkpoint). That loses nothing the pruners need: this process's pruner reads its
+own trial from memory, and every Optuna pruner compares with *finished* trials only. The
+dashboard sees a running trial's curve at most ``refresh`` seconds late; a process killed
+outright loses at most that much of its last trial's curve (the epochs after its last
+checkpoint, which the retry trains again anyway).
 """
 
 from __future__ import annotations
@@ -48,6 +58,10 @@ class RunStorage(_CachedStorage):
         self._pending: dict[int, list[tuple[str, float, Any, Any]]] = {}
         # This process's running trials, kept in step with its writes to them.
         self._owned: dict[int, Any] = {}
+        # Reports of owned trials not yet written: trial id -> {step: value}; and when
+        # each trial's reports were last written.
+        self._reports: dict[int, dict[int, float]] = {}
+        self._reports_written: dict[int, float] = {}
 
     def _own(self, trial_id: int) -> Any:
         return self._owned.get(trial_id)
@@ -128,29 +142,41 @@ class RunStorage(_CachedStorage):
     ) -> None:
         self.flush_params(trial_id)
         owned = self._own(trial_id)
-        dialect = self._backend.engine.name
-        if owned is None or dialect not in ("sqlite", "postgresql"):
+        if owned is None or self._backend.engine.name not in ("sqlite", "postgresql"):
             super().set_trial_intermediate_value(trial_id, step, intermediate_value)
-        else:
-            self._upsert_intermediate_value(trial_id, step, intermediate_value, dialect)
-        if owned is not None:
-            owned.intermediate_values[step] = intermediate_value
+            if owned is not None:
+                owned.intermediate_values[step] = intermediate_value
+            return
+        owned.intermediate_values[step] = intermediate_value
+        self._reports.setdefault(trial_id, {})[step] = intermediate_value
+        written = self._reports_written.setdefault(trial_id, time.monotonic())
+        if time.monotonic() - written >= self.refresh:
+            self.flush_reports(trial_id)
 
-    def _upsert_intermediate_value(
-        self, trial_id: int, step: int, value: float, dialect: str
-    ) -> None:
-        """One statement instead of Optuna's three (load the trial, check its state, look
-        the step up, then write): the trial is this process's own running trial."""
+    def flush_reports(self, trial_id: int) -> None:
+        """Write the trial's buffered reports in one statement (see the module docstring)."""
+        pending = self._reports.pop(trial_id, None)
+        self._reports_written[trial_id] = time.monotonic()
+        if not pending:
+            return
         from optuna.storages._rdb import models
         from optuna.storages._rdb.storage import _create_scoped_session
         from sqlalchemy.dialects import postgresql, sqlite
 
         model = models.TrialIntermediateValueModel
-        stored, kind = model.intermediate_value_to_stored_repr(value)
-        insert: Any = sqlite.insert if dialect == "sqlite" else postgresql.insert
-        stmt = insert(model).values(
-            trial_id=trial_id, step=step, intermediate_value=stored, intermediate_value_type=kind
-        )
+        rows = []
+        for step, value in sorted(pending.items()):
+            stored, kind = model.intermediate_value_to_stored_repr(value)
+            rows.append(
+                {
+                    "trial_id": trial_id,
+                    "step": step,
+                    "intermediate_value": stored,
+                    "intermediate_value_type": kind,
+                }
+            )
+        insert: Any = sqlite.insert if self._backend.engine.name == "sqlite" else postgresql.insert
+        stmt = insert(model).values(rows)
         stmt = stmt.on_conflict_do_update(
             index_elements=[model.trial_id, model.step],
             set_={
@@ -161,15 +187,21 @@ class RunStorage(_CachedStorage):
         with _create_scoped_session(self._backend.scoped_session, True) as session:
             session.execute(stmt)
 
-    def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
+    def _flush(self, trial_id: int) -> None:
+        """Everything buffered for the trial, before another write to it."""
         self.flush_params(trial_id)
+        if trial_id in self._reports:
+            self.flush_reports(trial_id)
+
+    def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self._flush(trial_id)
         super().set_trial_user_attr(trial_id, key, value)
         owned = self._own(trial_id)
         if owned is not None:
             owned._user_attrs[key] = value
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
-        self.flush_params(trial_id)
+        self._flush(trial_id)
         super().set_trial_system_attr(trial_id, key, value)
         owned = self._own(trial_id)
         if owned is not None:
@@ -180,6 +212,10 @@ class RunStorage(_CachedStorage):
     def __setstate__(self, state: dict[Any, Any]) -> None:
         super().__setstate__(state)
         self._lock = threading.Lock()
+
+    def read_now(self) -> None:
+        """Make the next read go to the database, whatever the refresh interval."""
+        self._last_read.clear()
 
     def _read_trials_from_remote_storage(self, study_id: int) -> None:
         last = self._last_read.get(study_id)
@@ -199,8 +235,11 @@ class RunStorage(_CachedStorage):
                 self._studies[study_id] = _StudyInfo()
             self._add_trials_to_cache(study_id, [frozen])
         if template_trial is None and frozen.state == TrialState.RUNNING:
-            self._owned[frozen._trial_id] = copy.deepcopy(frozen)  # asked by this process
-        self._last_read.clear()
+            # Asked by this process: served from memory, and already in the cache, so
+            # nothing needs re-reading.
+            self._owned[frozen._trial_id] = copy.deepcopy(frozen)
+        else:
+            self._last_read.clear()
         return int(frozen._trial_id)
 
     def _adopt(self, trial_id: int) -> None:
@@ -214,15 +253,37 @@ class RunStorage(_CachedStorage):
     def set_trial_state_values(
         self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
     ) -> bool:
-        self.flush_params(trial_id)
-        self._owned.pop(trial_id, None)
+        self._flush(trial_id)
+        owned = self._owned.pop(trial_id, None)
+        self._reports_written.pop(trial_id, None)
         try:
             changed = super().set_trial_state_values(trial_id, state=state, values=values)
-        finally:
+        except BaseException:
             self._last_read.clear()
+            raise
         if changed and state == TrialState.RUNNING:
             self._adopt(trial_id)  # a waiting trial this process just claimed
+        if changed and owned is not None and state.is_finished():
+            self._cache_finished(owned, state, values)
+        else:
+            self._last_read.clear()
         return changed
+
+    def _cache_finished(
+        self, trial: Any, state: TrialState, values: Sequence[float] | None
+    ) -> None:
+        """Put this process's trial into the cache as just told, as the database has it."""
+        import datetime
+
+        trial.state = state
+        trial.values = list(values) if values is not None else None
+        trial.datetime_complete = datetime.datetime.now()
+        with self._lock:
+            where = self._trial_id_to_study_id_and_number.get(trial._trial_id)
+            if where is None or where[0] not in self._studies:
+                self._last_read.clear()
+                return
+            self._studies[where[0]].trials[trial.number] = trial
 
     def set_trial_user_attrs(self, trial_id: int, attrs: dict[str, Any]) -> None:
         """Set several user attributes in one transaction (one multi-row upsert on SQLite
@@ -232,7 +293,7 @@ class RunStorage(_CachedStorage):
         from optuna.storages._rdb import models
         from optuna.storages._rdb.storage import _create_scoped_session
 
-        self.flush_params(trial_id)
+        self._flush(trial_id)
         owned = self._own(trial_id)
         if owned is not None:
             owned._user_attrs.update(attrs)

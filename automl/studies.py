@@ -316,9 +316,15 @@ def delete_study(name: str, storage_url: str | None = None) -> None:
     optuna.delete_study(study_name=name, storage=storage)
 
 
-def n_finished(study: optuna.Study) -> int:
+def n_finished(study: optuna.Study, *, fresh: bool = False) -> int:
+    """Complete and pruned trials; ``fresh``: as the database holds them now, including
+    what other workers finished since the run's cache last read it (``--until``)."""
     from optuna.trial import TrialState
 
+    if fresh:
+        read_now = getattr(study._storage, "read_now", None)  # storage_cache.RunStorage
+        if read_now is not None:
+            read_now()
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
 
@@ -403,7 +409,7 @@ class _Run:
         if opts.n_trials is not None and self.summary.n_run >= opts.n_trials:
             return f"ran {self.summary.n_run} trial(s)"
         if opts.until is not None:
-            held = n_finished(self.study)
+            held = n_finished(self.study, fresh=True)
             if held >= opts.until:
                 return f"the study holds {held} finished trials (--until {opts.until})"
         elif self.target is not None and self.summary.n_run >= self.target:
@@ -610,6 +616,9 @@ def _run_trial(run: _Run, trial: optuna.Trial) -> FrozenTrial:
     from automl.lifecycle import StopRequested, retry_history
 
     checkpoint = Checkpointer(run.checkpoint_dir, trial.number, retry_history(trial))
+    flush_reports = getattr(run.study._storage, "flush_reports", None)  # storage_cache.py
+    if flush_reports is not None:
+        checkpoint.before_save = lambda: flush_reports(trial._trial_id)
     outcome: tuple[Any, list[float] | None, str] = (TrialState.FAIL, None, "the run stopped")
     interrupted = False
     try:

@@ -270,7 +270,8 @@ def test_two_workers_on_sqlite_reach_until_with_distinct_first_trials(
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     assert [w["exit_code"] for w in doc["workers"]] == [0, 0]
-    assert all(w["n_complete"] >= 1 for w in doc["workers"])  # both did work
+    # How the 5 short trials split between the workers depends on which starts first (one
+    # may take them all), so only the whole is checked.
     trials = trials_of(storage_url, "tiny")
     assert_whole(trials, low=5, high=6)
     assert doc["n_complete"] + doc["n_pruned"] == len(trials)
@@ -392,7 +393,9 @@ def test_a_worker_killed_on_postgresql_is_recovered_by_the_others(
     tmp_path: Path, pg_url: str
 ) -> None:
     space = tmp_path / "slow.yaml"
-    space.write_text(SLOW_SPACE)
+    # Trials of about a second each, so the two survivors are still asking for trials
+    # well after the killed one's heartbeat grace (3 s) has passed.
+    space.write_text(SLOW_SPACE.replace("epochs: 150", "epochs: 500"))
     env = {"AUTOML_HEARTBEAT_INTERVAL": "1", "AUTOML_GRACE_PERIOD": "3"}
     procs = start_workers(space, pg_url, 3, until=12, env=env)
     try:

@@ -27,12 +27,54 @@ def test_own_trials_are_seen_at_once_and_others_after_refresh(storage_url: str) 
     other = _study(storage_url)  # another worker, its own connection
     other.tell(other.ask(), 0.5)
     assert len(study.get_trials()) == 1  # within the refresh interval: not re-read
-    study.ask()  # asking changes the set of trials: the next read goes to the database
+    study.ask()  # its own new trial is in the cache at once, without a read
+    assert sorted(t.state.name for t in study.get_trials()) == ["COMPLETE", "RUNNING"]
+    mine.refresh = 0.0  # once the interval has passed, the other worker's trial shows
     states = sorted(t.state.name for t in study.get_trials())
     assert states == ["COMPLETE", "COMPLETE", "RUNNING"]
     fresh = RunStorage(RDBStorage(storage_url), refresh=0.0)
     other.tell(other.ask(), 0.1)
     assert len(_study(fresh).get_trials()) == 4
+
+
+def _stored_reports(storage_url: str, number: int = 0) -> dict[int, float]:
+    return optuna.load_study(study_name="s", storage=storage_url).trials[number].intermediate_values
+
+
+def test_reports_are_buffered_then_written_at_the_end_in_order(storage_url: str) -> None:
+    mine = RunStorage(RDBStorage(storage_url), refresh=3600)
+    study = _study(mine)
+    trial = study.ask()
+    for step, value in enumerate([0.9, 0.7, 0.4]):
+        trial.report(value, step)
+    assert trial.should_prune() is False  # the pruner reads the trial from memory
+    assert mine.get_trial(trial._trial_id).intermediate_values == {0: 0.9, 1: 0.7, 2: 0.4}
+    assert _stored_reports(storage_url) == {}  # not written yet
+    study.tell(trial, 0.4)
+    assert _stored_reports(storage_url) == {0: 0.9, 1: 0.7, 2: 0.4}
+    finished = study.get_trials()[0]  # the cache holds what was told, as stored
+    stored = optuna.load_study(study_name="s", storage=storage_url).trials[0]
+    assert (finished.state, finished.values, finished.params) == (
+        stored.state,
+        stored.values,
+        stored.params,
+    )
+
+
+def test_reports_are_written_after_the_refresh_interval_and_on_flush(storage_url: str) -> None:
+    mine = RunStorage(RDBStorage(storage_url), refresh=0.0)
+    study = _study(mine)
+    trial = study.ask()
+    trial.report(0.5, 0)  # refresh 0: written at once
+    assert _stored_reports(storage_url) == {0: 0.5}
+    mine.refresh = 3600
+    trial.report(0.25, 1)
+    assert _stored_reports(storage_url) == {0: 0.5}
+    mine.flush_reports(trial._trial_id)  # what a checkpoint save calls first
+    assert _stored_reports(storage_url) == {0: 0.5, 1: 0.25}
+    trial.report(0.125, 2)
+    trial.set_user_attr("k", 1)  # any other write to the trial writes its reports first
+    assert _stored_reports(storage_url) == {0: 0.5, 1: 0.25, 2: 0.125}
 
 
 def test_user_attrs_in_one_write_round_trip_and_overwrite(storage_url: str) -> None:
