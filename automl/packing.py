@@ -107,6 +107,61 @@ def group_configs(
     return groups, sorted(alone)
 
 
+# Per training step on one CPU thread, in milliseconds (bench/fused.py on the 2-core build
+# machine, digits, batch 64): a fused group costs a fixed GROUP_MS plus, per member,
+# MEMBER_MS and MS_PER_MFLOP times its padded forward-and-backward work; a model trained
+# alone costs ALONE_MS plus the same work at its own width. Only the ratios matter.
+GROUP_MS = 0.39
+MEMBER_MS = 0.0375
+ALONE_MS = 0.26
+MS_PER_MFLOP = 0.013
+ALONE_MS_PER_MFLOP = 0.0066
+
+
+def split_by_width(
+    configs: Sequence[TrialConfig], n_features: int, n_outputs: int, device: str = "cpu"
+) -> list[list[int]]:
+    """Split one fused group (indices into ``configs``, which share a ``group_key``) into
+    sub-groups of similar widths, each padded to its own widest member, in the way the
+    cost model above says is fastest; a sub-group of one is trained alone.
+
+    On a CPU a padded unit costs as much as a real one: a 4-unit member padded to 128
+    units does the work of a 128-unit model, and a batch of wide members gains nothing
+    from fusing (their matrix products are already big enough). On a GPU the padding is
+    nearly free and one launch for all members is what counts: one group."""
+    order = sorted(range(len(configs)), key=lambda i: configs[i].hidden_units)
+    if device != "cpu" or len(order) < 3:
+        return [order]
+    first = configs[order[0]]
+    depth = first.n_layers
+    batch = first.batch_size
+
+    def mflops(width: int) -> float:  # forward and backward (3x) multiply-adds (2x)
+        per_row = n_features * width + (depth - 1) * width * width + width * n_outputs
+        return 6.0 * batch * per_row / 1e6
+
+    def cost(lo: int, hi: int) -> float:  # members order[lo..hi], padded to order[hi]
+        width = configs[order[hi]].hidden_units
+        if lo == hi:
+            return ALONE_MS + ALONE_MS_PER_MFLOP * mflops(width)
+        return GROUP_MS + (hi - lo + 1) * (MEMBER_MS + MS_PER_MFLOP * mflops(width))
+
+    n = len(order)
+    best = [0.0] + [math.inf] * n  # best[j]: cheapest split of the first j members
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):
+            total = best[i] + cost(i, j - 1)
+            if total < best[j]:
+                best[j], cut[j] = total, i
+    groups: list[list[int]] = []
+    j = n
+    while j > 0:
+        groups.append(order[cut[j] : j])
+        j = cut[j]
+    return sorted(groups, key=lambda g: min(g))
+
+
 # --------------------------------------------------------------------------- the model
 
 
@@ -865,7 +920,20 @@ def _train_pack(run: Any, trials: list[optuna.Trial], retry_history: Any) -> Non
     k = len(trials)
     fusable = [i for i, t in enumerate(trials) if not retry_history(t)]
     groups, alone = group_configs([configs[i] for i in fusable])
-    groups = [[fusable[i] for i in g] for g in groups]
+    data = run.objective.data
+    n_features = math.prod(int(d) for d in data.input_shape)
+    device = data.X_train.device.type
+    split: list[list[int]] = []
+    for group in groups:
+        members = [fusable[i] for i in group]
+        parts = split_by_width([configs[i] for i in members], n_features, data.n_outputs, device)
+        for part in parts:
+            chosen = [members[i] for i in part]
+            if len(chosen) > 1:
+                split.append(chosen)
+            else:
+                alone.append(group[part[0]])
+    groups = split
     alone = sorted({*(fusable[i] for i in alone), *(i for i in range(k) if i not in fusable)})
     for group in groups:
         _run_group(run, [trials[i] for i in group], [configs[i] for i in group])

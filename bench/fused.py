@@ -22,7 +22,7 @@ import time
 import torch
 
 from automl.data import load_dataset, to_device
-from automl.packing import train_packed
+from automl.packing import split_by_width, train_packed
 from automl.spaces import DataSpec, TrialConfig
 from automl.training import train
 
@@ -75,6 +75,16 @@ def main() -> None:
             results = train_packed(group, data, objective="val_accuracy")
             fused = (time.perf_counter() - started) / k
             scores = [r.metrics["val_accuracy"] for r in results if not isinstance(r, Exception)]
+            # ... and as `--pack` trains them: split into sub-groups of similar widths,
+            # a sub-group of one trained alone (packing.split_by_width).
+            parts = split_by_width(group, data.X_train.shape[1], data.n_outputs, device)
+            started = time.perf_counter()
+            for part in parts:
+                if len(part) == 1:
+                    train(group[part[0]], data, objective="val_accuracy")
+                else:
+                    train_packed([group[i] for i in part], data, objective="val_accuracy")
+            bucketed = (time.perf_counter() - started) / k
             row = {
                 "device": name,
                 "widths": f"{widths[0]}..{widths[1]}",
@@ -82,6 +92,9 @@ def main() -> None:
                 "sequential_s_per_trial": round(sequential, 4),
                 "fused_s_per_trial": round(fused, 4),
                 "speedup": round(sequential / fused, 2),
+                "by_width_s_per_trial": round(bucketed, 4),
+                "by_width_speedup": round(sequential / bucketed, 2),
+                "by_width_groups": [len(p) for p in parts],
                 "best_val_accuracy": round(max(scores), 4) if scores else None,
                 "load": round((before + os.getloadavg()[0]) / 2, 2),
             }

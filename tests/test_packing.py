@@ -321,3 +321,18 @@ def test_sigint_during_a_pack_leaves_no_trial_running(tmp_path: Path) -> None:
     states = [t.state for t in optuna.load_study(study_name="digits", storage=url).trials]
     assert optuna.trial.TrialState.RUNNING not in states
     assert optuna.trial.TrialState.WAITING in states  # interrupted members queued again
+
+
+def test_split_by_width_fuses_similar_widths_and_sends_a_lone_wide_member_alone() -> None:
+    from automl.packing import split_by_width
+
+    widths = [128, 4, 6, 5, 8, 7, 6, 5]
+    configs = [TrialConfig(hidden_units=w, n_layers=2, batch_size=64) for w in widths]
+    groups = split_by_width(configs, n_features=64, n_outputs=10)
+    # The seven narrow members share one group; the 128-unit one would make each of them
+    # do the work of a 128-unit model, so it trains alone.
+    assert sorted(map(sorted, groups)) == [[0], [1, 2, 3, 4, 5, 6, 7]]
+    # Equal widths waste nothing on padding: one group. On a GPU padding is nearly free.
+    same = [TrialConfig(hidden_units=32) for _ in range(6)]
+    assert split_by_width(same, n_features=64, n_outputs=10) == [[0, 1, 2, 3, 4, 5]]
+    assert len(split_by_width(configs, n_features=64, n_outputs=10, device="cuda")) == 1
