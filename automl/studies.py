@@ -90,6 +90,60 @@ def _storage_fault(
 # --------------------------------------------------------------------------- samplers, pruners
 
 
+def _lean_tpe(sampler: Any) -> Any:
+    """The same TPE, cheaper per trial as the study grows (bench/bookkeeping.py):
+
+    - the log of the normal CDF, evaluated for every kernel at every candidate, comes
+      from SciPy's vectorised ``log_ndtr`` instead of Optuna's per-element Python
+      (a third of the sampling time at 1,000 trials; the values agree to 1e-7);
+    - the group-decomposed search space is updated with the trials finished since the
+      last call instead of being rebuilt from every trial (re-adding a trial's
+      distributions never changes the groups, so the result is the same).
+
+    Where Optuna's internals differ (another release), the sampler is used as it is."""
+    try:
+        from optuna.samplers._tpe import _truncnorm
+        from scipy.special import log_ndtr
+
+        if hasattr(_truncnorm, "_log_ndtr"):
+            _truncnorm._log_ndtr = log_ndtr
+    except ImportError:
+        pass
+    space = getattr(sampler, "_group_decomposed_search_space", None)
+    if space is not None and hasattr(space, "_search_space"):
+        sampler._group_decomposed_search_space = _IncrementalGroupSpace(space)
+    return sampler
+
+
+class _IncrementalGroupSpace:
+    """Optuna's ``_GroupDecomposedSearchSpace`` fed only the trials it has not seen."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self._seen: set[int] = set()
+
+    def calculate(self, study: optuna.Study, use_cache: bool = False) -> Any:
+        import copy
+
+        from optuna.trial import TrialState
+
+        inner = self._inner
+        if inner._study_id is None:
+            inner._study_id = study._study_id
+        elif inner._study_id != study._study_id:
+            raise ValueError("`_GroupDecomposedSearchSpace` cannot handle multiple studies.")
+        states = (
+            (TrialState.COMPLETE, TrialState.PRUNED)
+            if inner._include_pruned
+            else (TrialState.COMPLETE,)
+        )
+        for trial in study._get_trials(deepcopy=False, states=states, use_cache=use_cache):
+            if trial.number not in self._seen:
+                self._seen.add(trial.number)
+                inner._search_space.add_distributions(trial.distributions)
+        return copy.deepcopy(inner._search_space)
+
+
 def create_sampler(space: Space, seed: int | None) -> optuna.samplers.BaseSampler:
     import optuna
 
@@ -102,7 +156,7 @@ def create_sampler(space: Space, seed: int | None) -> optuna.samplers.BaseSample
             opts.setdefault("multivariate", True)
             opts.setdefault("group", True)
             opts.setdefault("constant_liar", True)
-            return optuna.samplers.TPESampler(seed=seed, **opts)
+            return _lean_tpe(optuna.samplers.TPESampler(seed=seed, **opts))
         if name == "random":
             return optuna.samplers.RandomSampler(seed=seed, **opts)
         if name == "cmaes":

@@ -306,3 +306,51 @@ def test_multi_objective_best_gives_the_pareto_front(tmp_path: Path) -> None:
     for number, (acc, n_params) in values.items():
         if number not in on_front:
             assert any(e["values"][0] >= acc and e["values"][1] <= n_params for e in front), number
+
+
+def test_incremental_group_space_matches_optunas_rebuilt_one() -> None:
+    from optuna.search_space.group_decomposed import _GroupDecomposedSearchSpace
+    from optuna.trial import TrialState
+
+    from automl.studies import _IncrementalGroupSpace
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    full = _GroupDecomposedSearchSpace(True)
+    incremental = _IncrementalGroupSpace(_GroupDecomposedSearchSpace(True))
+
+    def groups(space: object) -> list[list[str]]:
+        return sorted(sorted(g) for g in space.search_spaces)  # type: ignore[attr-defined]
+
+    for i in range(24):
+        trial = study.ask()
+        optimizer = trial.suggest_categorical("optimizer", ["adam", "sgd", "rmsprop"])
+        trial.suggest_float(f"{optimizer}_lr", 1e-4, 1e-1, log=True)
+        if optimizer == "sgd":
+            trial.suggest_float("sgd_momentum", 0.0, 0.9)
+        if i % 4 == 0:
+            trial.suggest_int("n_layers", 1, 3)
+        state = TrialState.PRUNED if i % 5 == 0 else TrialState.COMPLETE
+        study.tell(trial, None if state == TrialState.PRUNED else float(i), state=state)
+        assert groups(incremental.calculate(study)) == groups(full.calculate(study))
+    assert ["sgd_lr", "sgd_momentum"] in groups(full.calculate(study))
+
+
+def test_the_lean_tpe_searches_like_optunas_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+    from optuna.samplers._tpe import _truncnorm
+
+    from automl.studies import _lean_tpe
+
+    def best_of(sampler: optuna.samplers.BaseSampler) -> tuple[float, float]:
+        study = optuna.create_study(sampler=sampler)
+        study.optimize(lambda t: (t.suggest_float("x", -5, 5) - 1.2) ** 2, n_trials=40)
+        return study.best_value, study.best_params["x"]
+
+    def optunas_log_ndtr(a: Any) -> Any:  # Optuna's own per-element implementation
+        return np.frompyfunc(_truncnorm._log_ndtr_single, 1, 1)(a).astype(float)
+
+    monkeypatch.setattr(_truncnorm, "_log_ndtr", optunas_log_ndtr)
+    plain = best_of(optuna.samplers.TPESampler(seed=3, multivariate=True, group=True))
+    lean = best_of(_lean_tpe(optuna.samplers.TPESampler(seed=3, multivariate=True, group=True)))
+    assert _truncnorm._log_ndtr is not optunas_log_ndtr  # SciPy's is in place
+    assert lean == pytest.approx(plain, abs=1e-6)  # the same search, to float rounding
