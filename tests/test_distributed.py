@@ -312,7 +312,8 @@ def count_states(url: str, study: str) -> dict[str, int]:
 @pytest.mark.slow
 def test_sigterm_to_the_parent_stops_every_worker_cleanly(tmp_path: Path, storage_url: str) -> None:
     space = tmp_path / "slow.yaml"
-    space.write_text(SLOW_SPACE)
+    # Trials of a few seconds, so the signal finds both workers inside one.
+    space.write_text(SLOW_SPACE.replace("epochs: 150", "epochs: 1500"))
     proc = subprocess.Popen(
         cmd(
             *("run", str(space), "--storage", storage_url),
@@ -338,7 +339,10 @@ def test_sigterm_to_the_parent_stops_every_worker_cleanly(tmp_path: Path, storag
     assert [w["exit_code"] for w in doc["workers"]] == [143, 143]
     counts = count_states(storage_url, "slow")
     assert counts.get("RUNNING", 0) == 0, counts
-    assert counts.get("FAIL", 0) == 2, counts  # each worker's interrupted trial
+    # Each worker's interrupted trial is recorded failed and queued again (a worker whose
+    # trial happened to end as the signal came has none).
+    assert 1 <= counts.get("FAIL", 0) <= 2, counts
+    assert counts.get("WAITING", 0) == counts.get("FAIL", 0), counts
 
 
 # --------------------------------------------------------------------------- PostgreSQL

@@ -30,7 +30,9 @@ from automl.workers import automl_command
 
 runner = CliRunner()
 
-# Enough epochs that a kill lands mid-trial; iris keeps each epoch a few milliseconds.
+# Enough epochs that a kill or a signal lands mid-trial; iris keeps each epoch a few
+# milliseconds.
+SLOW_EPOCHS = 60
 SLOW_SPACE = """\
 name: slow
 data:
@@ -38,7 +40,7 @@ data:
   validation: 0.3
 model: mlp
 train:
-  epochs: 25
+  epochs: {SLOW_EPOCHS}
   patience: 0
 objective: val_accuracy
 study:
@@ -52,7 +54,7 @@ space:
   batch_size: 8
   hidden_units: {low: 8, high: 16}
   n_layers: 1
-"""
+""".replace("{SLOW_EPOCHS}", str(SLOW_EPOCHS))
 
 
 def _env() -> dict[str, str]:
@@ -245,13 +247,13 @@ def test_sigkill_mid_trial_then_until_resumes_it_from_its_checkpoint(
     assert retry.system_attrs["failed_trial"] == 1
     assert retry.params == killed.params
     resumed_from = retry.user_attrs["resumed_from_epoch"]
-    assert 1 <= resumed_from < 25
+    assert 1 <= resumed_from < SLOW_EPOCHS
     assert retry.user_attrs["resumed_from_trial"] == 1
     # its epochs continue: the killed trial's values are kept, the rest were added
-    assert sorted(retry.intermediate_values) == list(range(25))
+    assert sorted(retry.intermediate_values) == list(range(SLOW_EPOCHS))
     for step, value in killed.intermediate_values.items():
         assert retry.intermediate_values[step] == value
-    assert retry.user_attrs["epochs_run"] == 25
+    assert retry.user_attrs["epochs_run"] == SLOW_EPOCHS
     assert retry.user_attrs["seed"] == completed.user_attrs["seed"] + 1  # trial 1's seed
 
     # checkpoints of finished trials are gone; the best one's weights are kept
@@ -307,7 +309,7 @@ def test_sigterm_records_the_trial_as_interrupted_and_the_next_run_resumes_it(
     assert _states(study) == ["FAIL", "COMPLETE"]
     retry = study.trials[1]
     assert retry.user_attrs["resumed_from_epoch"] >= 1
-    assert sorted(retry.intermediate_values) == list(range(25))
+    assert sorted(retry.intermediate_values) == list(range(SLOW_EPOCHS))
     assert not (ckdir / "0.pt").exists() and not (ckdir / "1.pt").exists()
 
 
