@@ -96,10 +96,26 @@ def _stdout() -> Console:
     return Console(highlight=False)
 
 
-def _setup_logging(*, debug: bool) -> None:
-    from rich.logging import RichHandler
+class _PlainHandler(logging.Handler):
+    """``LEVEL    message``, one line per record, to whatever ``sys.stderr`` is now: what a
+    cron log or a pipe gets (Rich would wrap a long line at 80 columns and pad it)."""
 
-    handler = RichHandler(console=_stderr(), show_time=False, show_path=False, markup=False)
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(f"{record.levelname:<8} {self.format(record)}\n")
+            sys.stderr.flush()
+        except Exception:
+            self.handleError(record)
+
+
+def _setup_logging(*, debug: bool) -> None:
+    handler: logging.Handler
+    if sys.stderr.isatty():
+        from rich.logging import RichHandler
+
+        handler = RichHandler(console=_stderr(), show_time=False, show_path=False, markup=False)
+    else:
+        handler = _PlainHandler()
     handler.addFilter(_mask_record)
     root = logging.getLogger("automl")
     root.handlers[:] = [handler]
