@@ -107,15 +107,16 @@ def group_configs(
     return groups, sorted(alone)
 
 
-# Per training step on one CPU thread, in milliseconds (bench/fused.py on the 2-core build
-# machine, digits, batch 64): a fused group costs a fixed GROUP_MS plus, per member,
-# MEMBER_MS and MS_PER_MFLOP times its padded forward-and-backward work; a model trained
-# alone costs ALONE_MS plus the same work at its own width. Only the ratios matter.
-GROUP_MS = 0.39
-MEMBER_MS = 0.0375
-ALONE_MS = 0.26
-MS_PER_MFLOP = 0.013
-ALONE_MS_PER_MFLOP = 0.0066
+# Per training step on one CPU thread, in milliseconds (bench/fused.py's configurations,
+# timed on the 2-core build machine: digits, batch 64, 2 layers, widths 16 and 128): a
+# fused group costs a fixed GROUP_MS plus, per member, MEMBER_MS and MS_PER_MFLOP times
+# its padded forward-and-backward work; a model trained alone costs ALONE_MS plus
+# ALONE_MS_PER_MFLOP times the same work at its own width. Only the ratios matter.
+GROUP_MS = 0.29
+MEMBER_MS = 0.029
+MS_PER_MFLOP = 0.024
+ALONE_MS = 0.24
+ALONE_MS_PER_MFLOP = 0.017
 
 
 def split_by_width(
@@ -770,7 +771,8 @@ def _run_fused_epoch(
     loss_params = configs[0].loss_params
     total = torch.zeros(len(live), device=device)
     n_batches = 0
-    for start in range(0, n, bs):
+    ahead = _EpochMasks(model, dropouts, noises, n, bs)
+    for step, start in enumerate(range(0, n, bs)):
         idx = perms[:, start : start + bs]
         x = data.X_train[idx]
         y = data.y_train[idx]
@@ -778,7 +780,7 @@ def _run_fused_epoch(
         x = x.reshape(len(live), b, -1)
         if any(noises):
             x = x + _member_noise(model, noises, x)
-        masks = _dropout_masks(model, dropouts, b)
+        masks = ahead.masks(step, b)
         out = model.forward(x, masks)
         losses = loss_fn(out, y, loss_params)
         objective = losses
@@ -803,6 +805,91 @@ def _member_noise(model: FusedMLP, noises: Sequence[float], x: torch.Tensor) -> 
         else:
             rows.append(torch.zeros(x.shape[1:], device=x.device, dtype=x.dtype))
     return torch.stack(rows)
+
+
+class _EpochMasks:
+    """An epoch's dropout masks, drawn many steps at a time.
+
+    A member's dropout generator is used for nothing else when it has no input noise, so
+    its masks for a run of full batches can be drawn in one call: the same random stream,
+    split into the same per-step, per-layer pieces as one draw a step gives (and as the
+    sequential path draws them). That is one draw per member per chunk of steps instead
+    of five tensor operations per member per step, a third of a narrow fused group's step.
+    Members with input noise (whose generator alternates noise and dropout draws) and the
+    last, shorter batch draw step by step as before."""
+
+    CHUNK_BYTES = 32 * 2**20  # the largest block of masks held at once
+
+    def __init__(
+        self,
+        model: FusedMLP,
+        dropouts: Sequence[float],
+        noises: Sequence[float],
+        n: int,
+        bs: int,
+    ) -> None:
+        self.model = model
+        self.dropouts = list(dropouts)
+        self.any = any(p > 0 for p in dropouts)
+        self.stepwise = [
+            m for m, (p, s) in enumerate(zip(dropouts, noises, strict=True)) if p > 0 and s > 0
+        ]
+        self.bs = bs
+        self.n_full = n // bs
+        weight = model.weights[0]
+        per_step = model.n_layers * len(dropouts) * bs * weight.shape[1] * weight.element_size()
+        self.chunk = max(1, min(self.n_full, self.CHUNK_BYTES // max(per_step, 1)))
+        self.block: torch.Tensor | None = None
+        self.block_start = -1
+
+    def masks(self, step: int, b: int) -> list[torch.Tensor | None]:
+        if not self.any:
+            return [None] * self.model.n_layers
+        if step >= self.n_full or b != self.bs:
+            return _dropout_masks(self.model, self.dropouts, b)
+        if self.block is None or not (
+            self.block_start <= step < self.block_start + len(self.block)
+        ):
+            self.block_start = step
+            self.block = self._draw(step, min(self.chunk, self.n_full - step))
+        masks = self.block[step - self.block_start]  # (n_layers, K, b, width)
+        for m in self.stepwise:
+            self._fill(masks[:, m], m, 1)
+        return list(masks.unbind(0))
+
+    def _draw(self, first: int, steps: int) -> torch.Tensor:
+        """Masks of ``steps`` full batches from step ``first``: (steps, n_layers, K, b, width)."""
+        model, b = self.model, self.bs
+        weight = model.weights[0]
+        width = weight.shape[1]
+        shape = (steps, model.n_layers, len(self.dropouts), b, width)
+        block = torch.ones(shape, device=weight.device, dtype=weight.dtype)
+        for m, p in enumerate(self.dropouts):
+            w = model.widths[m]
+            if w < width:
+                block[:, :, m, :, w:] = 0.0
+            if p > 0 and m not in self.stepwise:
+                self._fill(block[:, :, m], m, steps)
+        return block
+
+    def _fill(self, out: torch.Tensor, m: int, steps: int) -> None:
+        """Draw member ``m``'s masks for ``steps`` steps into ``out[..., :b, :w]`` (shaped
+        (steps, n_layers, b, width), or (n_layers, b, width) for one step), exactly as
+        ``steps`` calls of ``_dropout_masks`` would."""
+        model, b, p = self.model, self.bs, self.dropouts[m]
+        weight = model.weights[0]
+        w = model.widths[m]
+        count = b * w
+        words = (count + 3) // 4
+        draw = dropout_mask(
+            (steps, model.n_layers, words * 4),
+            p,
+            device=weight.device,
+            dtype=weight.dtype,
+            generator=model.generators[m],
+        )
+        view = out if out.dim() == 4 else out.unsqueeze(0)
+        view[..., :w] = draw[..., :count].reshape(steps, model.n_layers, b, w)
 
 
 def _dropout_masks(model: FusedMLP, dropouts: Sequence[float], b: int) -> list[torch.Tensor | None]:
