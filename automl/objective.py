@@ -94,12 +94,14 @@ class Objective:
         metric = self.space.objectives[0]
         single = not self.space.is_multi_objective
         epochs = config.epochs
+        inherited = _inherited_steps(trial)
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
             if self.on_epoch is not None:
                 self.on_epoch(trial.number, epoch, epochs, metrics)
             if single and metric in metrics:
-                trial.report(metrics[metric], epoch)
+                if epoch not in inherited:  # Optuna keeps the first value and warns
+                    trial.report(metrics[metric], epoch)
                 if trial.should_prune():
                     raise optuna.TrialPruned(
                         f"pruned at epoch {epoch + 1} with {metric}={metrics[metric]:.4g}"
@@ -116,6 +118,16 @@ class Objective:
         attrs["stopped_early"] = result.stopped_early
         set_user_attrs(trial, attrs)
         return [float(result.metrics[m]) for m in self.space.objectives]
+
+
+def _inherited_steps(trial: optuna.Trial) -> set[int]:
+    """The epochs a retried trial already holds values for: the ones its predecessor
+    reported after the checkpoint it resumes from, which it trains (identically) again."""
+    from automl.lifecycle import retry_history
+
+    if not hasattr(trial, "storage") or not retry_history(trial):
+        return set()
+    return set(trial.storage.get_trial(trial._trial_id).intermediate_values)
 
 
 def set_user_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:

@@ -609,3 +609,26 @@ def test_log_file_appends_plain_lines(tiny_space: Path, storage_url: str) -> Non
     assert "start: study 'tiny', running 0 trial(s)" in lines[4]
     assert "stop: the study already holds 2 finished trials (--until 2)" in lines[5]
     assert not any("\x1b[" in line for line in lines)  # no colour codes
+
+
+def test_a_retry_does_not_report_again_the_epochs_it_inherited(storage_url: str) -> None:
+    import warnings
+
+    from automl.lifecycle import retry_later
+    from automl.objective import Objective
+
+    space = spaces.parse_space(
+        {"data": {"dataset": "iris", "validation": 0.3}, "objective": "val_accuracy"}
+    )
+    study = optuna.create_study(study_name="r", storage=storage_url, direction="maximize")
+    first = study.ask()
+    first.report(0.5, 0)
+    first.report(0.6, 1)  # reported after the checkpoint the retry resumes from (epoch 0)
+    retry_later(study, study.tell(first, state=TrialState.FAIL))
+    retry = study.ask()  # claims the queued copy, which inherits both values
+    hook = Objective(space, None, None, device="cpu").epoch_hook(retry, TrialConfig(epochs=3))  # type: ignore[arg-type]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Optuna warns when a step is reported twice
+        for epoch, value in enumerate([0.5, 0.6, 0.7]):
+            hook(epoch, {"val_accuracy": value})
+    assert study.trials[1].intermediate_values == {0: 0.5, 1: 0.6, 2: 0.7}
