@@ -516,3 +516,48 @@ def test_train_is_reproducible_with_a_seed(iris: DeviceData) -> None:
     assert curve == [h["train_loss"] for h in b.history]
     assert curve != [h["train_loss"] for h in c.history]
     assert a.metrics["val_loss"] == b.metrics["val_loss"]
+
+
+@pytest.mark.parametrize(
+    "name", ["sgd", "adam", "adamw", "rmsprop", "adagrad", "adadelta", "adabound"]
+)
+def test_optimizer_step_is_the_same_update_as_step(name: str) -> None:
+    from automl.training import build_optimizer, optimizer_step
+
+    def stepped(use_raw: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+        params: dict[str, Any] = {"lr": 0.05}
+        if name == "sgd":
+            params.update(momentum=0.9, nesterov=True, weight_decay=1e-3)
+        config = TrialConfig(optimizer=name, optimizer_params=params)
+        optimizer = build_optimizer(config, model.parameters())
+        x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+        for _ in range(4):
+            for p in model.parameters():
+                p.grad = None
+            F.cross_entropy(model(x), y).backward()
+            optimizer_step(optimizer) if use_raw else optimizer.step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    for ours, torchs in zip(stepped(True), stepped(False), strict=True):
+        assert torch.equal(ours, torchs)
+
+
+def test_a_training_process_never_imports_torch_dynamo() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from automl.data import load_dataset, to_device\n"
+        "from automl.spaces import DataSpec, TrialConfig\n"
+        "from automl.training import train\n"
+        "data = to_device(load_dataset(DataSpec(dataset='iris', validation=0.3)), 'cpu')\n"
+        "for opt in ('adam', 'sgd', 'rmsprop'):\n"
+        "    train(TrialConfig(optimizer=opt, optimizer_params={'lr': 0.01}, epochs=2), data)\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"  # it costs about 1 s to import (BENCHMARKS.md)
