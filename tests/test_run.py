@@ -90,3 +90,30 @@ def test_device_resolution() -> None:
         resolve_device("cuda:7")
     with pytest.raises(DeviceError, match="unknown device 'tpu'"):
         resolve_device("tpu")
+
+
+def test_the_console_script_exits_with_its_code_and_leaves_the_sqlite_file_whole(
+    tiny_space: Path, tmp_path: Path
+) -> None:
+    """``automl`` ends with os._exit after closing its database connections: the study is
+    all in the .db (no write-ahead log left beside it) and exit codes come through."""
+    import subprocess
+
+    from automl.workers import automl_command
+
+    db = tmp_path / "studies.db"
+    args = ["run", str(tiny_space), "--storage", f"sqlite:///{db}", "--n-trials", "2"]
+    done = subprocess.run([*automl_command(), *args], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert "best trials of 'tiny'" in done.stdout  # the output was flushed before the exit
+    assert not (tmp_path / "studies.db-wal").exists()
+    import sqlite3
+
+    with sqlite3.connect(db) as conn:  # the plain file alone holds both trials
+        assert conn.execute("select count(*) from trials where state = 'COMPLETE'").fetchone() == (
+            2,
+        )
+    bad = subprocess.run(
+        [*automl_command(), "run", str(tmp_path / "missing.yaml")], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and bad.stderr.startswith("error:")
