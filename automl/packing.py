@@ -591,6 +591,12 @@ class MixedOptimizer:
     def _index_rows(self) -> None:
         self.k = sum(len(rows) for rows, _ in self.parts)
         self._index = [torch.tensor(rows, device=self.device) for rows, _ in self.parts]
+        # Rows that follow each other are updated in place through a slice (train_packed
+        # orders members by optimizer so that they do); others are gathered and scattered.
+        self._slices = [
+            slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else None
+            for rows, _ in self.parts
+        ]
 
     def _per_member(self, attr: str) -> list[float]:
         out = [0.0] * self.k
@@ -627,7 +633,11 @@ class MixedOptimizer:
         if len(self.parts) == 1:
             self.parts[0][1].step(params)
             return
-        for (_, opt), index in zip(self.parts, self._index, strict=True):
+        for (_, opt), index, part in zip(self.parts, self._index, self._slices, strict=True):
+            if part is not None:
+                grads = [None if p.grad is None else p.grad[part] for p in params]
+                opt.step_tensors([p.detach()[part] for p in params], grads)
+                continue
             rows = [p.detach().index_select(0, index) for p in params]
             grads = [None if p.grad is None else p.grad.index_select(0, index) for p in params]
             opt.step_tensors(rows, grads)
@@ -687,6 +697,23 @@ def train_packed(
     )
     loss_fn = table[first.loss]
     hooks = list(on_epoch) if on_epoch is not None else [None] * len(configs)
+    order = sorted(range(len(configs)), key=lambda i: configs[i].optimizer)
+    if order != list(range(len(configs))):
+        # Members of one optimizer side by side: each optimizer then updates a slice of
+        # the stacked parameters in place (MixedOptimizer). Members are independent, so
+        # the order changes nothing else; results come back in the caller's order.
+        ordered = train_packed(
+            [configs[i] for i in order],
+            data,
+            objective=objective,
+            patience=patience,
+            on_epoch=[hooks[i] for i in order],
+            keep_state=keep_state,
+        )
+        back: list[PackedResult | Exception] = [RuntimeError("unset")] * len(configs)
+        for position, i in enumerate(order):
+            back[i] = ordered[position]
+        return back
     members = [
         _Member(c, hook, torch.Generator().manual_seed(c.seed))
         for c, hook in zip(configs, hooks, strict=True)
