@@ -577,26 +577,20 @@ class FusedOptimizer:
 
 class MixedOptimizer:
     """Members with different optimizers in one fused model: a FusedOptimizer per
-    optimizer, each updating its members' rows of the stacked parameters."""
+    optimizer, each updating its members' rows of the stacked parameters in place
+    through a slice. The members of one optimizer must be side by side (train_packed
+    orders them so); dropping members keeps them so."""
 
     def __init__(self, configs: Sequence[TrialConfig], params: Sequence[torch.Tensor]) -> None:
         names = [c.optimizer for c in configs]
-        self.device = params[0].device
         self.parts: list[tuple[list[int], FusedOptimizer]] = []
         for name in dict.fromkeys(names):
             rows = [i for i, n in enumerate(names) if n == name]
+            if rows != list(range(rows[0], rows[-1] + 1)):
+                raise ValueError("MixedOptimizer needs each optimizer's members side by side")
             self.parts.append((rows, FusedOptimizer(name, [configs[i] for i in rows], params)))
-        self._index_rows()
-
-    def _index_rows(self) -> None:
-        self.k = sum(len(rows) for rows, _ in self.parts)
-        self._index = [torch.tensor(rows, device=self.device) for rows, _ in self.parts]
-        # Rows that follow each other are updated in place through a slice (train_packed
-        # orders members by optimizer so that they do); others are gathered and scattered.
-        self._slices = [
-            slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else None
-            for rows, _ in self.parts
-        ]
+        self.device = params[0].device
+        self.k = len(configs)
 
     def _per_member(self, attr: str) -> list[float]:
         out = [0.0] * self.k
@@ -626,23 +620,17 @@ class MixedOptimizer:
                 opt.keep(torch.tensor(local, device=self.device))
                 parts.append(([position[rows[j]] for j in local], opt))
         self.parts = parts
-        self._index_rows()
+        self.k = len(position)
 
     @torch.no_grad()
     def step(self, params: Sequence[torch.Tensor]) -> None:
         if len(self.parts) == 1:
             self.parts[0][1].step(params)
             return
-        for (_, opt), index, part in zip(self.parts, self._index, self._slices, strict=True):
-            if part is not None:
-                grads = [None if p.grad is None else p.grad[part] for p in params]
-                opt.step_tensors([p.detach()[part] for p in params], grads)
-                continue
-            rows = [p.detach().index_select(0, index) for p in params]
-            grads = [None if p.grad is None else p.grad.index_select(0, index) for p in params]
-            opt.step_tensors(rows, grads)
-            for p, updated in zip(params, rows, strict=True):
-                p.detach().index_copy_(0, index, updated)
+        for rows, opt in self.parts:
+            part = slice(rows[0], rows[-1] + 1)
+            grads = [None if p.grad is None else p.grad[part] for p in params]
+            opt.step_tensors([p.detach()[part] for p in params], grads)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -870,23 +858,28 @@ class _EpochMasks:
         self.block_start = -1
 
     def masks(self, step: int, b: int) -> list[torch.Tensor | None]:
+        """Per hidden layer a (K, b, width) mask scaled by 1/(1-p), each member's drawn
+        from its own generator exactly as models.Dropout draws it alone; None without
+        dropout."""
         if not self.any:
             return [None] * self.model.n_layers
-        if step >= self.n_full or b != self.bs:
-            return _dropout_masks(self.model, self.dropouts, b)
+        if step >= self.n_full:  # the last, shorter batch: every member draws now
+            return list(self._draw(1, b, stepwise=False)[0].unbind(0))
         if self.block is None or not (
             self.block_start <= step < self.block_start + len(self.block)
         ):
             self.block_start = step
-            self.block = self._draw(step, min(self.chunk, self.n_full - step))
+            self.block = self._draw(min(self.chunk, self.n_full - step), self.bs, stepwise=True)
         masks = self.block[step - self.block_start]  # (n_layers, K, b, width)
         for m in self.stepwise:
-            self._fill(masks[:, m], m, 1)
+            self._fill(masks[:, m].unsqueeze(0), m, 1, self.bs)
         return list(masks.unbind(0))
 
-    def _draw(self, first: int, steps: int) -> torch.Tensor:
-        """Masks of ``steps`` full batches from step ``first``: (steps, n_layers, K, b, width)."""
-        model, b = self.model, self.bs
+    def _draw(self, steps: int, b: int, *, stepwise: bool) -> torch.Tensor:
+        """Masks of ``steps`` batches of ``b`` rows, (steps, n_layers, K, b, width): padded
+        units zero; with ``stepwise`` the members in ``self.stepwise`` are left to the
+        caller (ones)."""
+        model = self.model
         weight = model.weights[0]
         width = weight.shape[1]
         shape = (steps, model.n_layers, len(self.dropouts), b, width)
@@ -895,15 +888,15 @@ class _EpochMasks:
             w = model.widths[m]
             if w < width:
                 block[:, :, m, :, w:] = 0.0
-            if p > 0 and m not in self.stepwise:
-                self._fill(block[:, :, m], m, steps)
+            if p > 0 and not (stepwise and m in self.stepwise):
+                self._fill(block[:, :, m], m, steps, b)
         return block
 
-    def _fill(self, out: torch.Tensor, m: int, steps: int) -> None:
-        """Draw member ``m``'s masks for ``steps`` steps into ``out[..., :b, :w]`` (shaped
-        (steps, n_layers, b, width), or (n_layers, b, width) for one step), exactly as
-        ``steps`` calls of ``_dropout_masks`` would."""
-        model, b, p = self.model, self.bs, self.dropouts[m]
+    def _fill(self, out: torch.Tensor, m: int, steps: int, b: int) -> None:
+        """Draw member ``m``'s masks for ``steps`` batches of ``b`` rows into
+        ``out[..., :w]`` (shaped (steps, n_layers, b, width)): one draw, the same stream
+        as ``steps`` draws of one step each, layer after layer."""
+        model, p = self.model, self.dropouts[m]
         weight = model.weights[0]
         w = model.widths[m]
         count = b * w
@@ -915,36 +908,7 @@ class _EpochMasks:
             dtype=weight.dtype,
             generator=model.generators[m],
         )
-        view = out if out.dim() == 4 else out.unsqueeze(0)
-        view[..., :w] = draw[..., :count].reshape(steps, model.n_layers, b, w)
-
-
-def _dropout_masks(model: FusedMLP, dropouts: Sequence[float], b: int) -> list[torch.Tensor | None]:
-    """Per hidden layer a (K, B, H) mask scaled by 1/(1-p), drawn per member from its own
-    generator exactly as models.Dropout draws it alone, layer after layer (one draw per
-    member: the generator's stream is the same); None without dropout."""
-    if not any(p > 0 for p in dropouts):
-        return [None] * model.n_layers
-    weight = model.weights[0]
-    n_layers, width = model.n_layers, weight.shape[1]
-    masks = torch.ones(n_layers, len(dropouts), b, width, device=weight.device, dtype=weight.dtype)
-    for m, p in enumerate(dropouts):
-        w = model.widths[m]
-        if w < width:
-            masks[:, m, :, w:] = 0.0
-        if p <= 0:
-            continue
-        n = b * w
-        words = (n + 3) // 4
-        draw = dropout_mask(
-            (n_layers, words * 4),
-            p,
-            device=weight.device,
-            dtype=weight.dtype,
-            generator=model.generators[m],
-        )
-        masks[:, m, :, :w] = draw[:, :n].reshape(n_layers, b, w)
-    return list(masks.unbind(0))
+        out[..., :w] = draw[..., :count].reshape(steps, model.n_layers, b, w)
 
 
 @torch.no_grad()

@@ -15,18 +15,14 @@ if TYPE_CHECKING:
 
 
 def _best_text(study: optuna.Study) -> str:
-    from automl.studies import _best_numbers
+    from automl.studies import _best_trials
 
-    best = _best_numbers(study)  # from the run's trial cache, no database query
+    best = _best_trials(study)  # from the run's trial cache, no database query
     if not best:
         return "no complete trial yet"
     if len(study.directions) > 1:
         return f"{len(best)} on the Pareto front"
-    from optuna.trial import TrialState
-
-    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    values = next((t.values for t in trials if t.number == best[0]), None)
-    return f"best {values[0]:.4g} (#{best[0]})" if values else f"best #{best[0]}"
+    return f"best {best[0].values[0]:.4g} (#{best[0].number})"
 
 
 def describe_trial(trial: FrozenTrial) -> str:

@@ -747,6 +747,10 @@ def _tell(
 
 
 def _best_numbers(study: optuna.Study) -> list[int]:
+    return [t.number for t in _best_trials(study)]
+
+
+def _best_trials(study: optuna.Study) -> list[FrozenTrial]:
     # What ``study.best_trials`` returns (ties included), without its deep copy of every
     # trial, which cost more than the rest of a trial's bookkeeping at 1,000 trials.
     from optuna.study._multi_objective import _get_pareto_front_trials_by_trials
@@ -754,18 +758,17 @@ def _best_numbers(study: optuna.Study) -> list[int]:
 
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if len(study.directions) == 1:  # the best value and its ties, in one pass
-        scored = [(t.values[0], t.number) for t in trials if t.values]
+        scored = [t for t in trials if t.values]
         if not scored:
             return []
         pick = min if study.direction.name == "MINIMIZE" else max
-        best = pick(v for v, _ in scored)
-        return [n for v, n in scored if v == best]
+        best = pick(t.values[0] for t in scored)
+        return [t for t in scored if t.values[0] == best]
     feasible = any("constraints" in t.system_attrs for t in trials)
     try:
-        front = _get_pareto_front_trials_by_trials(trials, study.directions, feasible)
+        return list(_get_pareto_front_trials_by_trials(trials, study.directions, feasible))
     except ValueError:
         return []
-    return [t.number for t in front]
 
 
 def _would_be_best(study: optuna.Study, values: list[float]) -> bool:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim import optimizer as _optim_module
 
 from automl.data import DeviceData
 from automl.models import build_model, count_parameters, weight_l1
@@ -163,8 +164,6 @@ _RAW_STEPS: dict[type, Callable[[Any], Any] | None] = {}
 def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
     """``optimizer.step()``: the same update, without the wrappers that import dynamo and
     run the (here never registered) step hooks; with hooks, the ordinary call."""
-    from torch.optim import optimizer as optim_module
-
     cls = type(optimizer)
     if cls not in _RAW_STEPS:
         raw: Any = cls.step
@@ -175,8 +174,8 @@ def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
     hooked = (
         optimizer._optimizer_step_pre_hooks
         or optimizer._optimizer_step_post_hooks
-        or getattr(optim_module, "_global_optimizer_pre_hooks", None)
-        or getattr(optim_module, "_global_optimizer_post_hooks", None)
+        or getattr(_optim_module, "_global_optimizer_pre_hooks", None)
+        or getattr(_optim_module, "_global_optimizer_post_hooks", None)
     )
     if raw is None or hooked or optimizer.defaults.get("differentiable"):
         optimizer.step()
