@@ -20,6 +20,23 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 }
 
 
+def random_bits(
+    shape: Sequence[int],
+    *,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Uniform int16 values of ``shape``, drawn four to a 64-bit word."""
+    n = math.prod(int(s) for s in shape)
+    words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), generator=generator, device=device)
+    return words.view(torch.int16)[:n].view(*shape)
+
+
+def keep_threshold(p: float) -> int:
+    """An element is kept when its int16 draw is below this: probability 1 - p, to 1/65536."""
+    return round((1 - p) * 65536) - 32768
+
+
 def dropout_mask(
     shape: Sequence[int],
     p: float,
@@ -31,10 +48,7 @@ def dropout_mask(
     """A dropout mask already scaled by 1/(1-p): 16 random bits per element, drawn four
     to a 64-bit word (about 13x faster on CPU than ``bernoulli_``, whose per-element draw
     was a fifth of a small MLP's step). ``p`` is honoured to 1/65536."""
-    n = math.prod(int(s) for s in shape)
-    words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), generator=generator, device=device)
-    bits = words.view(torch.int16)[:n].view(*shape)
-    keep = bits < round((1 - p) * 65536) - 32768
+    keep = random_bits(shape, device=device, generator=generator) < keep_threshold(p)
     return keep.to(dtype).mul_(1 / (1 - p))
 
 

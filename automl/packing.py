@@ -34,12 +34,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from automl.models import ACTIVATIONS, build_model, count_parameters, dropout_mask
+from automl.models import (
+    ACTIVATIONS,
+    build_model,
+    count_parameters,
+    dropout_mask,
+    keep_threshold,
+    random_bits,
+)
 from automl.spaces import TrialConfig
 from automl.training import (
     TrainResult,
     TrialDiverged,
-    compute_metrics,
+    compute_metrics_stacked,
     objective_value,
     scheduled_lr,
 )
@@ -53,6 +60,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FUSED_OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad", "adadelta", "adabound")
+
+# Device types on which every member draws its dropout and noise from its own generator,
+# in the order the sequential path draws them, so that it follows its path alone exactly.
+# CPU generators are one stream however it is split; CUDA's counter-based ones are not,
+# so there the whole group draws from one generator, a few operations a step whatever K.
+EXACT_STREAMS = ("cpu",)
 
 # --------------------------------------------------------------------------- grouping
 
@@ -203,6 +216,8 @@ class FusedMLP:
                 names.append((f"{name}.weight", f"{name}.bias"))
             self.keys.append(names)
         self.widths = [c.hidden_units for c in configs]
+        # The group's generator where members do not keep their own streams (EXACT_STREAMS).
+        self.group_generator = torch.Generator(device=device).manual_seed(first.seed)
         self.weights = [w.to(device).requires_grad_() for w in weights]
         self.biases = [b.to(device).requires_grad_() for b in biases]
 
@@ -382,9 +397,20 @@ class FusedOptimizer:
         self.state: list[dict[str, torch.Tensor]] = [{} for _ in params]
         self.device = params[0].device
         self.dtype = params[0].dtype
+        self.ahead = 1  # steps whose coefficients are computed in one go (see plan)
+        self._block: list[dict[str, torch.Tensor]] = []
+        self._block_start = 0
 
     def set_lrs(self, lrs: Sequence[float]) -> None:
         self.lrs = list(lrs)
+        self._block = []
+
+    def plan(self, steps: int) -> None:
+        """The next ``steps`` steps share the current learning rates (an epoch): their
+        coefficients are computed and moved to the device in one transfer, not one a
+        step (on a GPU a transfer a step would stall the queue of kernels)."""
+        self.ahead = max(1, steps)
+        self._block = []
 
     def keep(self, index: torch.Tensor) -> None:
         rows = index.tolist()
@@ -392,6 +418,7 @@ class FusedOptimizer:
         self.base_lrs = [self.base_lrs[i] for i in rows]
         self.lrs = [self.lrs[i] for i in rows]
         self.state = [{k: v[index] for k, v in s.items()} for s in self.state]
+        self._block = []
 
     def _get(self, key: str) -> list[float]:
         return [h[key] for h in self.hyper]
@@ -406,7 +433,11 @@ class FusedOptimizer:
     ) -> None:
         """Update ``params`` in place from ``grads`` (one row per member)."""
         self.step_count += 1
-        coeffs = self._coefficients(self.step_count)
+        t = self.step_count
+        if not self._block_start <= t < self._block_start + len(self._block):
+            self._block = self._coefficient_block(t, self.ahead)
+            self._block_start = t
+        coeffs = self._block[t - self._block_start]
         decay = coeffs.get("wd") if self.name != "adamw" else None
         update = getattr(self, f"_{self.name}")
         for p, g, state in zip(params, grads, self.state, strict=True):
@@ -416,9 +447,18 @@ class FusedOptimizer:
                 g = g + decay * p
             update(p, g, state, coeffs)
 
-    def _coefficients(self, t: int) -> dict[str, torch.Tensor]:
-        """The per-member scalars of step ``t`` as (K, 1, 1) tensors, computed in double
-        precision like torch's Python floats and moved to the device in one transfer."""
+    def _coefficient_block(self, t: int, steps: int) -> list[dict[str, torch.Tensor]]:
+        """The per-member scalars of steps ``t .. t+steps-1`` as (K, 1, 1) tensors, computed
+        in double precision like torch's Python floats and moved to the device in one
+        transfer."""
+        per_step = [self._coefficients(t + i) for i in range(steps)]
+        names = list(per_step[0])
+        block = torch.tensor([list(c.values()) for c in per_step], dtype=torch.float64)
+        block = block.to(self.dtype).to(self.device).view(steps, len(names), -1, 1, 1)
+        return [dict(zip(names, row, strict=True)) for row in block]
+
+    def _coefficients(self, t: int) -> dict[str, list[float]]:
+        """The per-member scalars of step ``t`` (1-based), one list each."""
         lr = self.lrs
         h = self.hyper
         c: dict[str, list[float]] = {"lr": lr}
@@ -469,9 +509,7 @@ class FusedOptimizer:
             rho = self._get("rho")
             c["rho"], c["1-rho"] = rho, [1 - r for r in rho]
             c["eps"] = self._get("eps")
-        table = torch.tensor(list(c.values()), dtype=torch.float64).to(self.dtype)
-        table = table.to(self.device).view(len(c), -1, 1, 1)
-        return dict(zip(c, table, strict=True))
+        return c
 
     def _adam(
         self,
@@ -611,6 +649,10 @@ class MixedOptimizer:
         for rows, opt in self.parts:
             opt.set_lrs([lrs[i] for i in rows])
 
+    def plan(self, steps: int) -> None:
+        for _, opt in self.parts:
+            opt.plan(steps)
+
     def keep(self, index: torch.Tensor) -> None:
         position = {old: new for new, old in enumerate(index.tolist())}
         parts = []
@@ -724,12 +766,14 @@ def train_packed(
             ]
         )
         train_loss = _run_fused_epoch(model, optimizer, loss_fn, data, live, n, bs)
-        out = _validate(model, data)
+        measured = compute_metrics_stacked(
+            _validate(model, data), data.y_val, data.task, data.n_outputs, data.y_std
+        )
         ended: set[int] = set()
         for row, index in enumerate(alive):
             member = members[index]
             try:
-                metrics = _epoch_metrics(out[row], data, train_loss[row], epoch, member)
+                metrics = _epoch_metrics(measured[row], train_loss[row], epoch, member)
                 metrics["lr"] = optimizer.lrs[row]
                 member.history.append(metrics)
                 value = objective_value(metrics, watch)
@@ -787,13 +831,21 @@ def _run_fused_epoch(
     total = torch.zeros(len(live), device=device)
     n_batches = 0
     ahead = _EpochMasks(model, dropouts, noises, n, bs)
+    optimizer.plan(-(-n // bs))
+    noise_scale = None
+    if any(noises) and device.type not in EXACT_STREAMS:
+        noise_scale = torch.tensor(noises, dtype=data.X_train.dtype).view(-1, 1, 1).to(device)
     for step, start in enumerate(range(0, n, bs)):
         idx = perms[:, start : start + bs]
         x = data.X_train[idx]
         y = data.y_train[idx]
         b = idx.shape[1]
         x = x.reshape(len(live), b, -1)
-        if any(noises):
+        if noise_scale is not None:
+            x = x + noise_scale * torch.randn(
+                x.shape, generator=model.group_generator, device=device, dtype=x.dtype
+            )
+        elif any(noises):
             x = x + _member_noise(model, noises, x)
         masks = ahead.masks(step, b)
         out = model.forward(x, masks)
@@ -831,7 +883,11 @@ class _EpochMasks:
     sequential path draws them). That is one draw per member per chunk of steps instead
     of five tensor operations per member per step, a third of a narrow fused group's step.
     Members with input noise (whose generator alternates noise and dropout draws) and the
-    last, shorter batch draw step by step as before."""
+    last, shorter batch draw step by step as before.
+
+    On devices outside EXACT_STREAMS the whole group's masks for a run of steps come from
+    one draw of the group's generator, each member's rate and width applied by
+    broadcasting: the same distribution, not the same draws as alone."""
 
     CHUNK_BYTES = 32 * 2**20  # the largest block of masks held at once
 
@@ -856,6 +912,16 @@ class _EpochMasks:
         self.chunk = max(1, min(self.n_full, self.CHUNK_BYTES // max(per_step, 1)))
         self.block: torch.Tensor | None = None
         self.block_start = -1
+        self.shared = weight.device.type not in EXACT_STREAMS
+        if self.shared and self.any:
+            k, width = len(self.dropouts), weight.shape[1]
+            self.stepwise = []
+            thresholds = torch.tensor([keep_threshold(p) for p in self.dropouts])
+            self.threshold = thresholds.view(1, 1, k, 1, 1).to(weight.device)
+            scale = torch.zeros(k, width, dtype=weight.dtype)
+            for m, p in enumerate(self.dropouts):
+                scale[m, : model.widths[m]] = 1 / (1 - p)
+            self.scale = scale.view(1, 1, k, 1, width).to(weight.device)
 
     def masks(self, step: int, b: int) -> list[torch.Tensor | None]:
         """Per hidden layer a (K, b, width) mask scaled by 1/(1-p), each member's drawn
@@ -883,6 +949,9 @@ class _EpochMasks:
         weight = model.weights[0]
         width = weight.shape[1]
         shape = (steps, model.n_layers, len(self.dropouts), b, width)
+        if self.shared:
+            bits = random_bits(shape, device=weight.device, generator=model.group_generator)
+            return (bits < self.threshold).to(weight.dtype) * self.scale
         block = torch.ones(shape, device=weight.device, dtype=weight.dtype)
         for m, p in enumerate(self.dropouts):
             w = model.widths[m]
@@ -918,7 +987,7 @@ def _validate(model: FusedMLP, data: DeviceData) -> torch.Tensor:
 
 
 def _epoch_metrics(
-    out: torch.Tensor, data: DeviceData, train_loss: float, epoch: int, member: _Member
+    metrics: dict[str, float], train_loss: float, epoch: int, member: _Member
 ) -> dict[str, float]:
     """The member's epoch metrics, with the sequential path's NaN/explosion guards."""
     if not math.isfinite(train_loss):
@@ -930,7 +999,6 @@ def _epoch_metrics(
             f"training loss exploded to {train_loss:.3g} at epoch {epoch + 1} "
             f"(from {member.first_loss:.3g})"
         )
-    metrics = compute_metrics(out, data.y_val, data.task, data.n_outputs, data.y_std)
     if not all(math.isfinite(v) for v in metrics.values()):
         raise TrialDiverged(f"validation metrics became non-finite at epoch {epoch + 1}")
     metrics["train_loss"] = train_loss

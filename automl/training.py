@@ -292,37 +292,58 @@ def compute_metrics(
 ) -> dict[str, float]:
     """Validation metrics. ``val_loss`` is canonical so losses compare: cross-entropy for
     classes, mean squared error in the target's own units for regression."""
+    return compute_metrics_stacked(out.unsqueeze(0), y, task, n_outputs, y_std)[0]
+
+
+def compute_metrics_stacked(
+    out: torch.Tensor, y: torch.Tensor, task: str, n_outputs: int, y_std: float = 1.0
+) -> list[dict[str, float]]:
+    """``compute_metrics`` of K models at once: ``out`` is (K, N, ...) for the same ``y``.
+    One read-back for all K (a fused group's epoch), not one per model."""
+    k, n = out.shape[0], y.shape[0]
     if task == "classification":
-        ce = F.cross_entropy(out, y)
-        pred = out.argmax(dim=1)
-        k = n_outputs
-        conf = torch.bincount(y * k + pred, minlength=k * k).reshape(k, k).double()
-        tp = conf.diag()
-        support, predicted = conf.sum(dim=1), conf.sum(dim=0)
+        c = n_outputs
+        ce = F.cross_entropy(out.reshape(k * n, -1), y.repeat(k), reduction="none")
+        pred = out.argmax(dim=2)
+        model = torch.arange(k, device=out.device).view(k, 1)
+        flat = (model * (c * c) + y * c + pred).flatten()
+        conf = torch.bincount(flat, minlength=k * c * c).view(k, c, c).double()
+        tp = conf.diagonal(dim1=1, dim2=2)
+        support, predicted = conf.sum(dim=2), conf.sum(dim=1)
         present = support > 0
-        recall = tp[present] / support[present]
+        recall = torch.where(present, tp / support.clamp(min=1), 0).sum(1) / present.sum(1)
         # Macro F1 over the labels seen in either truth or prediction, as scikit-learn does.
-        seen = support + predicted > 0
-        f1 = 2 * tp[seen] / (support + predicted)[seen]
-        stats = torch.stack([ce.double(), tp.sum() / y.numel(), recall.mean(), f1.mean()]).tolist()
-        return {
-            "val_loss": stats[0],
-            "val_accuracy": stats[1],
-            "val_balanced_accuracy": stats[2],
-            "val_f1": stats[3],
-        }
-    pred = out.squeeze(-1).double()
+        both = support + predicted
+        seen = both > 0
+        f1 = torch.where(seen, 2 * tp / both.clamp(min=1), 0).sum(1) / seen.sum(1)
+        accuracy = tp.sum(dim=1) / n
+        stats = torch.stack(
+            [ce.view(k, n).mean(dim=1).double(), accuracy, recall, f1], dim=1
+        ).tolist()
+        return [
+            {
+                "val_loss": row[0],
+                "val_accuracy": row[1],
+                "val_balanced_accuracy": row[2],
+                "val_f1": row[3],
+            }
+            for row in stats
+        ]
+    pred = out.reshape(k, n).double()
     target = y.double()
     err = pred - target
-    mse = (err**2).mean()
+    mse = (err**2).mean(dim=1)
     var = ((target - target.mean()) ** 2).mean()
-    stats = torch.stack([mse, err.abs().mean(), 1 - mse / var.clamp(min=1e-12)]).tolist()
-    return {
-        "val_loss": stats[0] * y_std**2,
-        "val_rmse": math.sqrt(stats[0]) * y_std,
-        "val_mae": stats[1] * y_std,
-        "val_r2": stats[2],
-    }
+    stats = torch.stack([mse, err.abs().mean(dim=1), 1 - mse / var.clamp(min=1e-12)], 1).tolist()
+    return [
+        {
+            "val_loss": row[0] * y_std**2,
+            "val_rmse": math.sqrt(row[0]) * y_std,
+            "val_mae": row[1] * y_std,
+            "val_r2": row[2],
+        }
+        for row in stats
+    ]
 
 
 # --------------------------------------------------------------------------- the loop

@@ -8,12 +8,14 @@ the widest member wastes little), dropout 0.2..0.5, lr 1e-5..1e-1 (log), batch 6
 10 epochs on digits. Training only (no storage), one torch thread, same data on the
 device for both. On a GPU machine run it with --device cuda.
 
-    python bench/fused.py [--sizes 1,4,8,16,32] [--device cpu|cuda]
+    python bench/fused.py [--sizes 1,4,8,16,32] [--device cpu|cuda] [--widths 4-128,32-64]
+    python bench/fused.py --device cuda --bf16   # also under bf16 autocast
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -52,16 +54,27 @@ def main() -> None:
     parser.add_argument("--sizes", default="1,4,8,16,32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--n-sequential", type=int, default=8, help="trained alone per K")
+    parser.add_argument("--widths", default="4-128,32-64", help="width ranges, low-high")
+    parser.add_argument("--bf16", action="store_true", help="also time under bf16 autocast")
     args = parser.parse_args()
     torch.set_num_threads(1)
     device = args.device
+    ranges = [tuple(int(w) for w in r.split("-")) for r in args.widths.split(",")]
+    modes = ["fp32", "bf16"] if args.bf16 else ["fp32"]
     data = to_device(load_dataset(DataSpec(dataset="digits", validation=0.2), seed=0), device)
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu, 1 thread"
     warm = configs(1, seed=99)[0]
     train(warm, data)  # warm-up (first optimizer, first kernels)
     train_packed([warm, warm], data)
-    for widths in ((4, 128), (32, 64)):
-        for k in (int(s) for s in args.sizes.split(",")):
+    for mode, widths, k in (
+        (mode, widths, int(k)) for mode in modes for widths in ranges for k in args.sizes.split(",")
+    ):
+        precision = (
+            torch.autocast(device.split(":")[0], dtype=torch.bfloat16)
+            if mode == "bf16"
+            else contextlib.nullcontext()
+        )
+        with precision:
             group = configs(k, seed=k, widths=widths)
             before = os.getloadavg()[0]
             # The same configurations one by one (at most n_sequential of them) ...
@@ -87,6 +100,7 @@ def main() -> None:
             bucketed = (time.perf_counter() - started) / k
             row = {
                 "device": name,
+                "precision": mode,
                 "widths": f"{widths[0]}..{widths[1]}",
                 "k": k,
                 "sequential_s_per_trial": round(sequential, 4),

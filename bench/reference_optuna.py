@@ -30,6 +30,7 @@ from automl.spaces import DataSpec
 
 EPOCHS = 10
 CLASSES = 10
+DEVICE = torch.device("cpu")  # as in Optuna's example; --device changes it
 
 
 def define_model(trial: optuna.Trial, n_features: int) -> nn.Sequential:
@@ -59,7 +60,7 @@ def get_data(batch_size: int) -> tuple[DataLoader, DataLoader]:
 
 
 def objective(trial: optuna.Trial) -> float:
-    model = define_model(trial, 64)
+    model = define_model(trial, 64).to(DEVICE)
     optimizer_name = trial.suggest_categorical("optimizer", ["Adam", "RMSprop", "SGD"])
     lr = trial.suggest_float("lr", 1e-5, 1e-1, log=True)
     optimizer = getattr(torch.optim, optimizer_name)(model.parameters(), lr=lr)
@@ -70,6 +71,7 @@ def objective(trial: optuna.Trial) -> float:
     for epoch in range(EPOCHS):
         model.train()
         for data, target in train_loader:
+            data, target = data.to(DEVICE), target.to(DEVICE)
             optimizer.zero_grad()
             output = model(data)
             loss = F.nll_loss(output, target)
@@ -80,6 +82,7 @@ def objective(trial: optuna.Trial) -> float:
         correct = 0
         with torch.no_grad():
             for data, target in valid_loader:
+                data, target = data.to(DEVICE), target.to(DEVICE)
                 pred = model(data).argmax(dim=1, keepdim=True)
                 correct += pred.eq(target.view_as(pred)).sum().item()
         accuracy = correct / len(valid_loader.dataset)  # type: ignore[arg-type]
@@ -97,7 +100,10 @@ def main() -> None:
     parser.add_argument("--study", default="reference")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
+    parser.add_argument("--device", default="cpu", help="cpu (the example's) or cuda")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -6,6 +6,7 @@ processes on fresh SQLite files, so load from elsewhere affects them alike. The 
 is wall time of the whole process (imports, data, study, trials) divided by the trials.
 
     python bench/sequential.py --n-trials 30 --rounds 1 --pack 8
+    python bench/sequential.py --n-trials 64 --device cuda   # both on a GPU
 
 Prints one JSON line per run and a summary line with the ratios.
 """
@@ -50,7 +51,9 @@ def best_of(url: str, study: str) -> tuple[float, int, int]:
     return s.best_value, len(s.trials), epochs
 
 
-def run_round(n_trials: int, pack: int, folder: Path, index: int) -> list[dict[str, object]]:
+def run_round(
+    n_trials: int, packs: list[int], folder: Path, index: int, device: str = "cpu"
+) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
     # The reference as written (torch's default threads), and with one thread like automl.
     for name, extra in (("reference", []), ("reference, 1 thread", ["--threads", "1"])):
@@ -66,13 +69,16 @@ def run_round(n_trials: int, pack: int, folder: Path, index: int) -> list[dict[s
                 ref_url,
                 "--study",
                 "reference",
+                "--device",
+                device,
                 *extra,
             ],
             folder,
         )
         best, n, epochs = best_of(ref_url, "reference")
         rows.append(_row(name, n, epochs, seconds, best, before))
-    for name, extra in (("automl", []), (f"automl --pack {pack}", ["--pack", str(pack)])):
+    runs = [("automl", []), *((f"automl --pack {k}", ["--pack", str(k)]) for k in packs)]
+    for name, extra in runs:
         url = f"sqlite:///{folder / f'automl{index}_{len(rows)}.db'}"
         before = load()
         seconds, _ = timed(
@@ -87,7 +93,7 @@ def run_round(n_trials: int, pack: int, folder: Path, index: int) -> list[dict[s
                 "--study",
                 "bench",
                 "--device",
-                "cpu",
+                device,
                 "--json",
                 *extra,
             ],
@@ -117,16 +123,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-trials", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--pack", type=int, default=8)
+    parser.add_argument("--pack", default="8", help="K of --pack, or several: 8,32")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda, for both searches")
     args = parser.parse_args()
     per_run: dict[str, list[dict[str, object]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for index in range(args.rounds):
-            for row in run_round(args.n_trials, args.pack, Path(tmp), index):
+            packs = [int(k) for k in str(args.pack).split(",")]
+            for row in run_round(args.n_trials, packs, Path(tmp), index, args.device):
                 print(json.dumps(row), flush=True)
                 per_run.setdefault(str(row["run"]), []).append(row)
     ref = statistics.median(float(r["s_per_trial"]) for r in per_run["reference"])  # type: ignore[arg-type]
-    summary: dict[str, object] = {"summary": "sequential", "reference_s_per_trial": ref}
+    summary: dict[str, object] = {
+        "summary": "sequential",
+        "device": args.device,
+        "reference_s_per_trial": ref,
+    }
     for name, rows in per_run.items():
         mine = statistics.median(float(r["s_per_trial"]) for r in rows)  # type: ignore[arg-type]
         summary[f"{name} / reference"] = round(mine / ref, 3)

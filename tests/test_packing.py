@@ -336,3 +336,50 @@ def test_split_by_width_fuses_similar_widths_and_sends_a_lone_wide_member_alone(
     same = [TrialConfig(hidden_units=32) for _ in range(6)]
     assert split_by_width(same, n_features=64, n_outputs=10) == [[0, 1, 2, 3, 4, 5]]
     assert len(split_by_width(configs, n_features=64, n_outputs=10, device="cuda")) == 1
+
+
+def test_group_streams_draw_each_members_rate_and_width(
+    digits: DeviceData, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where members do not keep their own streams (CUDA; forced here on the CPU), the
+    group draws all masks at once: each member still drops at its own rate, keeps its
+    padded units at zero, and scales what it keeps by 1/(1-p)."""
+    from automl.packing import FusedMLP, _EpochMasks
+
+    monkeypatch.setattr("automl.packing.EXACT_STREAMS", ())
+    configs = [
+        _members("adam", "cross_entropy")[0],
+        TrialConfig(n_layers=2, hidden_units=20, dropout=0.5, seed=1),
+        TrialConfig(n_layers=2, hidden_units=40, dropout=0.0, seed=2),
+    ]
+    model = FusedMLP(configs, digits.input_shape, digits.n_outputs, torch.device("cpu"))
+    ahead = _EpochMasks(model, [c.dropout for c in configs], [0.0] * 3, n=1024, bs=128)
+    assert ahead.shared
+    masks = torch.stack([torch.stack(ahead.masks(step, 128)) for step in range(8)])
+    assert masks.shape == (8, 2, 3, 128, 40)
+    for m, config in enumerate(configs):
+        member = masks[:, :, m, :, : config.hidden_units]
+        assert (masks[:, :, m, :, config.hidden_units :] == 0).all()
+        kept = member[member != 0]
+        assert torch.allclose(kept, torch.full_like(kept, 1 / (1 - config.dropout)))
+        dropped = (member == 0).double().mean().item()
+        assert dropped == pytest.approx(config.dropout, abs=0.02), m
+
+
+def test_group_streams_train_members_as_well_as_alone(
+    digits: DeviceData, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("automl.packing.EXACT_STREAMS", ())
+    configs = [
+        TrialConfig.from_dict({**c.to_dict(), "epochs": 6, "batch_size": 64})
+        for c in _members("adam", "cross_entropy")
+    ]
+    first = train_packed(configs, digits, objective="val_accuracy")
+    again = train_packed(configs, digits, objective="val_accuracy")
+    for config, member, repeat in zip(configs, first, again, strict=True):
+        assert not isinstance(member, Exception) and not isinstance(repeat, Exception)
+        assert repeat.history == member.history  # the group's generator is seeded
+        alone = train(config, digits, objective="val_accuracy")
+        assert member.metrics["val_accuracy"] == pytest.approx(
+            alone.metrics["val_accuracy"], abs=0.03
+        )
