@@ -150,14 +150,15 @@ def _htod_copies(fn: Any) -> int:
 
 def test_data_stays_on_the_gpu_for_the_whole_trial(digits_gpu: DeviceData) -> None:
     """No copy per step: a 5-epoch trial of 23 steps an epoch copies to the GPU only per
-    epoch (its batch order, its learning rates), never per batch."""
+    epoch (its batch order, a fused group's per-member rates and optimizer coefficients),
+    never per batch. Measured on an H100: alone 11 copies, fused 36, for 115 steps."""
     config = _config("adam", epochs=5, dropout=0.2)
     steps = 5 * -(-digits_gpu.X_train.shape[0] // config.batch_size)
     alone = _htod_copies(lambda: train(config, digits_gpu))
     fused = _htod_copies(lambda: train_packed([config, _config("sgd", epochs=5)], digits_gpu))
     print(f"host-to-device copies: alone {alone}, fused {fused}, steps {steps}")
-    assert alone <= 4 * 5 + 10 < steps
-    assert fused <= 4 * 5 + 10 < steps
+    assert alone <= 3 * 5 + 5 < steps
+    assert fused <= 8 * 5 + 5 < steps
 
 
 def _write_space(tmp_path: Path, **changes: Any) -> Path:
