@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -54,11 +55,11 @@ class Preprocessor:
         return [*self.numeric, *self.categorical]
 
     def fit(self, frame: pd.DataFrame) -> Preprocessor:
-        """Fit scikit-learn's imputers, scaler and one-hot encoder on ``frame`` (the
-        training split) and keep what they learned as plain lists."""
+        """Fit median imputation, standard scaling and one-hot encoding on ``frame`` (the
+        training split) and keep what they learned as plain lists. The statistics are
+        scikit-learn's SimpleImputer, StandardScaler and OneHotEncoder ones, computed the
+        same way (a test compares them) without importing scikit-learn (about 1 s)."""
         import pandas as pd
-        from sklearn.impute import SimpleImputer
-        from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
         self.numeric, self.categorical = [], []
         for col in frame.columns:
@@ -69,12 +70,7 @@ class Preprocessor:
                 self.categorical.append(str(col))
         self.medians, self.means, self.scales = [], [], []
         if self.numeric:
-            values = _numeric_block(frame, self.numeric)
-            imputer = SimpleImputer(strategy="median", keep_empty_features=True).fit(values)
-            scaler = StandardScaler().fit(imputer.transform(values))
-            self.medians = [float(v) for v in imputer.statistics_]
-            self.means = [float(v) for v in scaler.mean_]
-            self.scales = [float(v) for v in scaler.scale_]  # 1.0 for constant columns
+            self.medians, self.means, self.scales = fit_numeric(_numeric_block(frame, self.numeric))
         self.modes, self.categories = [], []
         if self.categorical:
             for col in self.categorical:
@@ -83,11 +79,7 @@ class Preprocessor:
                         f"column '{col}' has no values in the training split; "
                         f"drop it with data.drop: [{col}]"
                     )
-            text = _text_block(frame, self.categorical)
-            modes = SimpleImputer(strategy="most_frequent").fit(text)
-            encoder = OneHotEncoder(handle_unknown="ignore").fit(modes.transform(text))
-            self.modes = [str(v) for v in modes.statistics_]
-            self.categories = [[str(c) for c in cats] for cats in encoder.categories_]
+            self.modes, self.categories = fit_text(_text_block(frame, self.categorical))
             for col, cats in zip(self.categorical, self.categories, strict=True):
                 if len(cats) > 1000:
                     raise DataError(
@@ -150,6 +142,116 @@ class Preprocessor:
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Preprocessor:
         return cls(**{k: v for k, v in state.items() if k in cls.__dataclass_fields__})
+
+
+def fit_numeric(values: np.ndarray) -> tuple[list[float], list[float], list[float]]:
+    """Per column of ``values`` (float64, NaN missing): the median of what is present (0
+    for an empty column), then the mean and scale of the column with its median filled
+    in (scale 1 for a constant column). As scikit-learn's SimpleImputer(strategy="median",
+    keep_empty_features=True) and StandardScaler compute them, operation for operation."""
+    medians = np.ma.getdata(np.ma.median(np.ma.masked_array(values, np.isnan(values)), axis=0))
+    medians = np.array(medians, dtype=np.float64)
+    medians[np.isnan(medians)] = 0.0
+    filled = np.where(np.isnan(values), medians, values)
+    count = np.full(filled.shape[1], float(filled.shape[0]))
+    total = filled.sum(axis=0)
+    mean = total / count
+    deviation = filled - total / count
+    correction = deviation.sum(axis=0)
+    deviation **= 2
+    var = (deviation.sum(axis=0) - correction**2 / count) / count
+    eps = np.finfo(np.float64).eps
+    constant = var <= count * eps * var + (count * mean * eps) ** 2
+    scale = np.sqrt(var)
+    scale[constant] = 1.0
+    return [float(v) for v in medians], [float(v) for v in mean], [float(v) for v in scale]
+
+
+def fit_text(text: np.ndarray) -> tuple[list[str], list[list[str]]]:
+    """Per column of ``text`` (strings, NaN missing): the most frequent value (the least
+    of tied ones), and the sorted categories once missing values take it. As
+    scikit-learn's SimpleImputer(strategy="most_frequent") and OneHotEncoder."""
+    modes: list[str] = []
+    categories: list[list[str]] = []
+    for j in range(text.shape[1]):
+        column = text[:, j]
+        missing = _is_missing(column)
+        counts = Counter(column[~missing])
+        top = max(counts.values())
+        mode = min(value for value, n in counts.items() if n == top)
+        modes.append(str(mode))
+        categories.append(sorted({str(v) for v in column[~missing]}))
+    return modes, categories
+
+
+def train_test_split(
+    indices: np.ndarray, n_test: int, seed: int, stratify: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``indices`` split into (train, test) with ``n_test`` test rows, shuffled with
+    ``seed``, stratified by the labels ``stratify``: scikit-learn's train_test_split
+    (ShuffleSplit, StratifiedShuffleSplit) step for step with the same NumPy random
+    stream, so a split is the one it gives (a test compares them). ValueError as it."""
+    n = len(indices)
+    if n_test >= n or n_test <= 0:
+        raise ValueError(
+            f"test_size={n_test} should be either positive and smaller than the number "
+            f"of samples {n} or a float in the (0, 1) range"
+        )
+    n_train = n - n_test
+    rng = np.random.RandomState(seed)
+    if stratify is None:
+        permutation = rng.permutation(n)
+        return indices[permutation[n_test:n]], indices[permutation[:n_test]]
+    classes, y_indices, class_counts = np.unique(stratify, return_inverse=True, return_counts=True)
+    if np.min(class_counts) < 2:
+        too_few = classes[class_counts < 2].tolist()
+        raise ValueError(
+            "The least populated classes in y have only 1 member, which is too few. The "
+            "minimum number of groups for any class cannot be less than 2. Classes with "
+            f"too few members are: {too_few}"
+        )
+    if n_train < len(classes):
+        raise ValueError(
+            f"The train_size = {n_train} should be greater or equal to the number of "
+            f"classes = {len(classes)}"
+        )
+    if n_test < len(classes):
+        raise ValueError(
+            f"The test_size = {n_test} should be greater or equal to the number of "
+            f"classes = {len(classes)}"
+        )
+    class_indices = np.split(np.argsort(y_indices, kind="stable"), np.cumsum(class_counts)[:-1])
+    n_i = _approximate_mode(class_counts, n_train, rng)
+    t_i = _approximate_mode(class_counts - n_i, n_test, rng)
+    train: list[int] = []
+    test: list[int] = []
+    for i in range(len(classes)):
+        permutation = rng.permutation(class_counts[i])
+        members = class_indices[i].take(permutation, mode="clip")
+        train.extend(members[: n_i[i]])
+        test.extend(members[n_i[i] : n_i[i] + t_i[i]])
+    return indices[rng.permutation(train)], indices[rng.permutation(test)]
+
+
+def _approximate_mode(
+    class_counts: np.ndarray, n_draws: int, rng: np.random.RandomState
+) -> np.ndarray:
+    """How many of ``n_draws`` each class gets: proportional, floored, the rest to the
+    largest remainders with ties broken at random (scikit-learn's _approximate_mode)."""
+    continuous = class_counts / class_counts.sum() * n_draws
+    floored = np.floor(continuous)
+    need_to_add = int(n_draws - floored.sum())
+    if need_to_add > 0:
+        remainder = continuous - floored
+        for value in np.sort(np.unique(remainder))[::-1]:
+            (inds,) = np.where(remainder == value)
+            add_now = min(len(inds), need_to_add)
+            inds = rng.choice(inds, size=add_now, replace=False)
+            floored[inds] += 1
+            need_to_add -= add_now
+            if need_to_add == 0:
+                break
+    return floored.astype(int)
 
 
 def _numeric_block(frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
@@ -240,13 +342,11 @@ class DeviceData:
 
 
 def _bundled_frame(name: str) -> tuple[pd.DataFrame, pd.Series, list[int] | None]:
-    from sklearn import datasets
+    from automl.bundled import load_bundled
 
-    loader = getattr(datasets, f"load_{name}")
-    bunch = loader(as_frame=True)
-    frame = bunch.frame.drop(columns=[bunch.target.name])
+    frame, target = load_bundled(name)
     image_shape = [1, 8, 8] if name == "digits" else None
-    return frame, bunch.target, image_shape
+    return frame, target, image_shape
 
 
 def read_table(path: str | Path) -> tuple[pd.DataFrame, list[int] | None]:
@@ -421,25 +521,16 @@ def load_dataset(spec: DataSpec, *, seed: int = 0) -> Dataset:
             stratify = target.astype(str).to_numpy()
     indices = np.arange(n)
     rng_seed = int(seed) % (2**32)
-    from sklearn.model_selection import train_test_split
-
     try:
         rest, test_idx = (
-            train_test_split(
-                indices,
-                test_size=n_test,
-                random_state=rng_seed,
-                stratify=stratify,
-            )
+            train_test_split(indices, n_test, rng_seed, stratify)
             if n_test
             else (indices, indices[:0])
         )
         strat_rest = stratify[rest] if stratify is not None else None
         if strat_rest is not None and min(np.unique(strat_rest, return_counts=True)[1]) < 2:
             strat_rest = None
-        train_idx, val_idx = train_test_split(
-            rest, test_size=n_val, random_state=rng_seed, stratify=strat_rest
-        )
+        train_idx, val_idx = train_test_split(rest, n_val, rng_seed, strat_rest)
     except ValueError as exc:
         raise DataError(f"{name}: cannot split the data: {exc}") from None
 
