@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -18,8 +17,6 @@ from torch.optim import optimizer as _optim_module
 from automl.data import DeviceData
 from automl.models import build_model, count_parameters, weight_l1
 from automl.spaces import METRICS, TrialConfig
-
-log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from automl.checkpoints import Checkpointer
@@ -422,10 +419,8 @@ def train_step(
     config: TrialConfig,
     task: str,
     n_outputs: int,
-    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """One optimisation step on a batch; returns the (detached) loss. ``forward`` replaces
-    the model's own (a CUDA-graphed one, see ``cuda_graphed``)."""
+    """One optimisation step on a batch; returns the (detached) loss."""
     if config.noise_std > 0:
         x = x + config.noise_std * torch.randn_like(x)
     if config.mixup_alpha > 0 and x.shape[0] > 1:
@@ -437,8 +432,7 @@ def train_step(
             y = lam * onehot + (1 - lam) * onehot[perm]
         else:
             y = lam * y + (1 - lam) * y[perm]
-    out = forward(x) if forward is not None else _forward(model, x)
-    loss = loss_fn(out, y, config.loss_params)
+    loss = loss_fn(_forward(model, x), y, config.loss_params)
     if config.l1 > 0:
         loss = loss + config.l1 * weight_l1(model)
     # What zero_grad(set_to_none=True) does, without its dispatch and profiler wrappers
@@ -458,10 +452,8 @@ def run_single_epoch(
     data: DeviceData,
     config: TrialConfig,
     generator: torch.Generator,
-    graphed: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> float:
-    """Train one epoch over a fresh permutation sliced into batches; mean loss. With
-    ``graphed`` (``cuda_graphed``), full batches run the captured forward and backward."""
+    """Train one epoch over a fresh permutation sliced into batches; mean loss."""
     model.train()
     n = data.X_train.shape[0]
     perm = torch.randperm(n, generator=generator).to(data.X_train.device)
@@ -481,53 +473,9 @@ def run_single_epoch(
             config,
             data.task,
             data.n_outputs,
-            graphed if idx.numel() == bs else None,
         )
         n_batches += 1
     return float(total) / max(n_batches, 1)
-
-
-# Off with AUTOML_CUDA_GRAPHS=0: then every step runs eagerly.
-CUDA_GRAPHS_ENV = "AUTOML_CUDA_GRAPHS"
-
-
-def cuda_graphed(
-    model: nn.Module, data: DeviceData, config: TrialConfig
-) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """On a GPU, ``model``'s forward and backward on a full batch captured as CUDA graphs
-    (``torch.cuda.make_graphed_callables``), or None where that does not apply.
-
-    A small model's step on a GPU is some fifty kernel launches of a few microseconds of
-    work each: the host's launching, not the GPU, sets the pace (an H100 was busy 7% of a
-    digits MLP's trial). Replaying a graph launches them at once. The graph is used for
-    full training batches only; the last, shorter batch and evaluation run the model
-    eagerly. Dropout and input noise draw from the CUDA generator inside the graph, each
-    replay fresh numbers. The optimizer steps eagerly, so learning-rate schedules work
-    as before. Any failure to capture leaves training eager."""
-    import os
-
-    if data.X_train.device.type != "cuda" or os.environ.get(CUDA_GRAPHS_ENV, "1") == "0":
-        return None
-    bs = config.batch_size
-    if config.mixup_alpha > 0 or data.X_train.shape[0] // bs < 2:
-        return None
-    model.train()
-    sample = data.X_train[:bs].clone()
-    # The capture's warm-up runs the model: batch norm statistics are put back after it.
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
-    graphed: Any
-    try:
-        graphed = torch.cuda.make_graphed_callables(model, (sample,))
-    except Exception as exc:  # a layer or setting graphs do not support: stay eager
-        log.debug("CUDA graph capture failed, training eagerly: %s", exc)
-        return None
-    finally:
-        with torch.no_grad():
-            for name, b in model.named_buffers():
-                b.copy_(buffers[name])
-        for p in model.parameters():
-            p.grad = None  # the warm-up's backward passes left gradients
-    return graphed
 
 
 @torch.no_grad()
@@ -600,11 +548,10 @@ def train(
         start_epoch = int(saved["epoch"]) + 1
         if patience and waited >= patience:
             start_epoch, stopped_early = config.epochs, True
-    graphed = cuda_graphed(model, data, config) if start_epoch < config.epochs else None
     for epoch in range(start_epoch, config.epochs):
         for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
             group["lr"] = scheduled_lr(config, epoch, base, tracked)
-        train_loss = run_single_epoch(model, optimizer, loss_fn, data, config, generator, graphed)
+        train_loss = run_single_epoch(model, optimizer, loss_fn, data, config, generator)
         if not math.isfinite(train_loss):
             raise TrialDiverged(f"training loss became {train_loss} at epoch {epoch + 1}")
         if first_loss is None:

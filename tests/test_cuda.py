@@ -21,7 +21,6 @@ from typer.testing import CliRunner
 
 from automl.cli import app
 from automl.data import DeviceData, load_dataset, to_device
-from automl.models import build_model
 from automl.packing import FUSED_OPTIMIZERS, train_packed
 from automl.spaces import DataSpec, TrialConfig
 from automl.training import train
@@ -231,46 +230,3 @@ def test_a_real_out_of_memory_fails_only_its_trial_and_frees_the_gpu(tmp_path: P
     assert trials[1].params["hidden_units"] == 30000
     assert trials[1].user_attrs["fail_reason"].startswith("out of memory: CUDA out of memory")
     assert left < 256 * 2**20, f"{left / 2**20:.0f} MiB still allocated after the run"
-
-
-@pytest.mark.parametrize("optimizer", FUSED_OPTIMIZERS)
-def test_cuda_graphed_training_follows_the_eager_curve(
-    optimizer: str, digits_gpu: DeviceData, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Full batches replay captured graphs, the last (1437 = 22 x 64 + 29) runs eagerly;
-    without dropout the curve is the eager one up to float rounding."""
-    from automl.training import cuda_graphed
-
-    config = _config(optimizer, lr_schedule="cosine", l1=1e-5, noise_std=0.0)
-    model = build_model(config, digits_gpu.input_shape, digits_gpu.n_outputs).cuda()
-    assert cuda_graphed(model, digits_gpu, config) is not None
-    graphed = train(config, digits_gpu)
-    monkeypatch.setenv("AUTOML_CUDA_GRAPHS", "0")
-    eager = train(config, digits_gpu)
-    assert _val_losses(graphed) == pytest.approx(_val_losses(eager), rel=1e-4)
-
-
-def test_cuda_graphed_training_with_dropout_noise_and_batch_norm_learns(
-    digits_gpu: DeviceData, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    config = _config("adam", dropout=0.3, noise_std=0.05, batch_norm=True, epochs=8)
-    graphed = train(config, digits_gpu, objective="val_accuracy", keep_model=True)
-    monkeypatch.setenv("AUTOML_CUDA_GRAPHS", "0")
-    eager = train(config, digits_gpu, objective="val_accuracy")
-    assert graphed.metrics["val_accuracy"] > 0.9
-    assert graphed.metrics["val_accuracy"] == pytest.approx(eager.metrics["val_accuracy"], abs=0.03)
-    # The kept model predicts eagerly in eval mode, on any number of rows.
-    assert graphed.model is not None
-    graphed.model.eval()
-    with torch.no_grad():
-        assert graphed.model(digits_gpu.X_val[:5]).shape == (5, 10)
-
-
-def test_cuda_graphs_of_many_trials_give_their_memory_back(digits_gpu: DeviceData) -> None:
-    train(_config("adam", epochs=1), digits_gpu)
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    for seed in range(15):
-        train(_config("adam", epochs=1, seed=seed, hidden_units=64 + seed), digits_gpu)
-    torch.cuda.synchronize()
-    assert torch.cuda.memory_allocated() - before < 16 * 2**20
