@@ -153,6 +153,8 @@ def open_storage(url: str, *, create: bool = True) -> BaseStorage:
     interval, grace = _heartbeat_settings()
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
+    _install_quick_schema_check()
+
     for attempt in range(SCHEMA_RACE_RETRIES + 1):
         try:
             storage = RDBStorage(
@@ -179,6 +181,69 @@ def open_storage(url: str, *, create: bool = True) -> BaseStorage:
         _tune_sqlite(storage)
     _ENGINES.add(storage.engine)
     return storage
+
+
+def _install_quick_schema_check() -> None:
+    """Optuna checks a database's schema version through Alembic on every open: 0.3 s of
+    imports (Alembic, Mako) and a parse of its migration scripts, a tenth of a short run.
+    The check is kept, done quicker: the stored version is read with one query and the
+    newest one known from the scripts' ``revision``/``down_revision`` lines. Anything
+    else (a new database to stamp, an older schema, an unreadable table, scripts that do
+    not parse) goes through Optuna's own Alembic path, unchanged."""
+    from optuna.storages._rdb import storage as rdb
+
+    base = rdb._VersionManager
+    if getattr(base, "quick", False):
+        return
+    head = _alembic_head(Path(rdb.__file__).parent / "alembic" / "versions")
+
+    class QuickVersionManager(base):  # type: ignore[misc, valid-type]
+        quick = True
+
+        def _init_alembic(self) -> None:
+            if self._stamped() is None:  # a new database: Alembic stamps it
+                super()._init_alembic()
+
+        def get_current_version(self) -> str:
+            return self._stamped() or super().get_current_version()
+
+        def get_head_version(self) -> str:
+            return head or super().get_head_version()
+
+        def _stamped(self) -> str | None:
+            from sqlalchemy import text
+
+            try:
+                with self.engine.connect() as connection:
+                    rows = connection.execute(
+                        text("SELECT version_num FROM alembic_version")
+                    ).fetchall()
+            except Exception:  # no table yet, or something Alembic will report
+                return None
+            return str(rows[0][0]) if len(rows) == 1 else None
+
+    rdb._VersionManager = QuickVersionManager  # type: ignore[misc]
+
+
+def _alembic_head(folder: Path) -> str | None:
+    """The one revision no migration script names as its ``down_revision``; None when the
+    scripts do not say so plainly."""
+    revisions: set[str] = set()
+    downs: set[str] = set()
+    try:
+        scripts = [p.read_text(encoding="utf-8") for p in folder.glob("*.py")]
+    except OSError:
+        return None
+    for text in scripts:
+        rev = re.search(r"^revision\s*=\s*[\"']([^\"']+)[\"']\s*$", text, re.M)
+        down = re.search(r"^down_revision\s*=\s*(?:[\"']([^\"']+)[\"']|None)\s*$", text, re.M)
+        if rev is None or down is None:
+            return None
+        revisions.add(rev[1])
+        if down[1]:
+            downs.add(down[1])
+    heads = revisions - downs
+    return heads.pop() if len(heads) == 1 else None
 
 
 # The engines this process opened and still uses.

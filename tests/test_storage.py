@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -183,3 +184,69 @@ def test_the_proxy_says_when_its_port_is_taken(storage_url: str) -> None:
         result = CliRunner().invoke(app, ["proxy", "--storage", storage_url, "--port", str(port)])
     assert result.exit_code == 2, result.output
     assert "--port" in result.output
+
+
+# --------------------------------------------------------------------------- schema check
+
+
+def test_the_quick_schema_check_knows_alembics_head() -> None:
+    """The newest schema read off the migration scripts is Alembic's own head."""
+    from types import SimpleNamespace
+
+    import alembic.script
+    from optuna.storages._rdb import storage as rdb
+
+    storage._install_quick_schema_check()
+    quick = rdb._VersionManager
+    optunas = quick.__mro__[1]  # Optuna's own _VersionManager
+    config = optunas._create_alembic_config(SimpleNamespace(url="sqlite://"))
+    head = alembic.script.ScriptDirectory.from_config(config).get_current_head()
+    assert quick.get_head_version(SimpleNamespace()) == head
+    folder = Path(rdb.__file__).parent / "alembic" / "versions"
+    assert storage._alembic_head(folder) == head
+    assert storage._alembic_head(folder / "missing") is None
+
+
+def test_an_existing_study_opens_without_alembic(storage_url: str, tmp_path: Path) -> None:
+    import optuna
+
+    optuna.create_study(study_name="q", storage=storage.open_storage(storage_url))
+    code = (
+        "import sys, optuna\n"
+        "from automl.storage import open_storage\n"
+        f"s = open_storage({storage_url!r}, create=False)\n"
+        "optuna.load_study(study_name='q', storage=s).optimize(lambda t: 1.0, n_trials=2)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('alembic', 'mako')))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path
+    )
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr
+    # ... and Optuna's own, unpatched check still accepts the file.
+    optuna_cli = str(Path(sys.executable).with_name("optuna"))
+    done = subprocess.run(
+        [optuna_cli, "studies", "--storage", storage_url, "-f", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
+    )
+    assert [s["name"] for s in json.loads(done.stdout)] == ["q"]
+
+
+def test_an_older_schema_still_asks_for_an_upgrade(storage_url: str, tmp_path: Path) -> None:
+    import sqlite3
+
+    import optuna
+
+    optuna.create_study(study_name="q", storage=storage.open_storage(storage_url))
+    storage.close_storages()
+    path = storage_url.removeprefix("sqlite:///")
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE alembic_version SET version_num = 'v3.0.0.d'")
+    code = f"from automl.storage import open_storage\nopen_storage({storage_url!r})\n"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, cwd=tmp_path
+    )
+    assert done.returncode != 0
+    assert "optuna storage upgrade" in done.stderr, done.stderr[-2000:]
