@@ -255,6 +255,9 @@ def run_workers(
         summary.n_complete = final.n_complete - counts.n_complete
         summary.n_pruned = final.n_pruned - counts.n_pruned
         summary.n_failed = final.n_failed - counts.n_failed
+    if reasons and all(r.startswith("ran ") for r in reasons):
+        # Each worker ran its share of --n-trials: say what they ran together.
+        reasons = [f"ran {summary.n_run} trial(s)"]
     if signalled:
         summary.stop_reason = f"stopped by {signal.Signals(signalled[0]).name}"
     elif until is not None and final.n_finished >= until:

@@ -293,6 +293,24 @@ def test_two_workers_on_sqlite_reach_until_with_distinct_first_trials(
     assert len(trials_of(storage_url, "tiny")) == len(trials)
 
 
+def test_workers_sharing_n_trials_report_what_they_ran_together(
+    tiny_space: Path, storage_url: str
+) -> None:
+    proc = subprocess.run(
+        cmd(
+            *("run", str(tiny_space), "--storage", storage_url),
+            *("--workers", "2", "--n-trials", "5", "--json"),
+        ),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert len(trials_of(storage_url, "tiny")) == 5
+    assert doc["stop_reason"] == "ran 5 trial(s) (2 workers)"
+
+
 def wait_for(predicate: Any, *, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
