@@ -6,6 +6,9 @@ them (with the machine, the date and the load) in bench/results/latest.json.
     python bench/run_all.py --skip-slow  # only the fast ones (help time, fused throughput)
     python bench/run_all.py --only fused,help_time
 
+Where torch sees a GPU it also runs the CUDA benchmarks (fused_cuda, sequential_cuda);
+elsewhere they are skipped with a line that says so.
+
 BENCHMARKS.md is written by hand from these figures: it records what was measured, how
 and under which load, which a script cannot judge.
 """
@@ -34,6 +37,21 @@ SCRIPTS: dict[str, tuple[list[str], list[str], bool]] = {
     "workers": ([], ["--trials", "10", "--storages", "sqlite"], True),
     "quality": ([], ["--budget", "20", "iris"], True),
 }
+# Run as well where torch sees a GPU: name -> (script, arguments, with --quick, slow?)
+CUDA_SCRIPTS: dict[str, tuple[str, list[str], list[str], bool]] = {
+    "fused_cuda": (
+        "fused",
+        ["--device", "cuda", "--sizes", "1,4,8,16,32,64,128", "--bf16"],
+        ["--device", "cuda", "--sizes", "1,32"],
+        False,
+    ),
+    "sequential_cuda": (
+        "sequential",
+        ["--device", "cuda", "--n-trials", "64", "--pack", "8,32"],
+        ["--device", "cuda", "--n-trials", "8"],
+        True,
+    ),
+}
 
 
 def machine() -> dict[str, object]:
@@ -50,8 +68,8 @@ def machine() -> dict[str, object]:
     return info
 
 
-def run(name: str, args: list[str]) -> dict[str, object]:
-    script = HERE / f"{name}.py"
+def run(name: str, args: list[str], script_name: str | None = None) -> dict[str, object]:
+    script = HERE / f"{script_name or name}.py"
     cmd = [sys.executable, str(script), *args]
     print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
     started = time.perf_counter()
@@ -62,7 +80,7 @@ def run(name: str, args: list[str]) -> dict[str, object]:
         print(done.stderr[-3000:], file=sys.stderr, flush=True)
     return {
         "script": name,
-        "command": " ".join(["python", f"bench/{name}.py", *args]),
+        "command": " ".join(["python", f"bench/{script_name or name}.py", *args]),
         "returncode": done.returncode,
         "seconds": round(time.perf_counter() - started, 1),
         "load_before": round(load, 2),
@@ -78,8 +96,9 @@ def main() -> None:
     parser.add_argument("--only", help="comma list of script names")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "latest.json")
     args = parser.parse_args()
-    wanted = set(args.only.split(",")) if args.only else set(SCRIPTS)
-    unknown = wanted - set(SCRIPTS)
+    known = {*SCRIPTS, *CUDA_SCRIPTS}
+    wanted = set(args.only.split(",")) if args.only else known
+    unknown = wanted - known
     if unknown:
         raise SystemExit(
             f"unknown script(s): {', '.join(sorted(unknown))}; known: {', '.join(SCRIPTS)}"
@@ -97,6 +116,14 @@ def main() -> None:
             print(f"== {name}: bench/{name}.py not found, skipped", flush=True)
             continue
         runs.append(run(name, quick if args.quick else full))
+    gpu = "gpu" in record["machine"]  # type: ignore[operator]
+    for name, (script, full, quick, slow) in CUDA_SCRIPTS.items():
+        if name not in wanted or (slow and args.skip_slow):
+            continue
+        if not gpu:
+            print(f"== {name}: no CUDA GPU here, skipped", flush=True)
+            continue
+        runs.append(run(name, quick if args.quick else full, script))
     record["runs"] = runs
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
