@@ -972,6 +972,7 @@ def entry() -> None:
     down at exit (BENCHMARKS.md), for nothing: so once the command has finished, output
     is flushed, logs and database connections are closed, and the process ends at once."""
     import os
+    import threading
 
     code: Any = 0
     try:
@@ -981,6 +982,11 @@ def entry() -> None:
     except KeyboardInterrupt:
         code = 130
     finally:
+        # Whatever happens below, the process ends: its work is committed by now.
+        status = code if isinstance(code, int) else (0 if code is None else 1)
+        watchdog = threading.Timer(EXIT_GRACE_SECONDS, os._exit, args=(status,))
+        watchdog.daemon = True
+        watchdog.start()
         try:
             sys.stdout.flush()
             sys.stderr.flush()
@@ -997,6 +1003,10 @@ def entry() -> None:
         print(code, file=sys.stderr)
         code = 1
     os._exit(code)
+
+
+# How long closing logs and connections may take before the process ends regardless.
+EXIT_GRACE_SECONDS = 10.0
 
 
 if __name__ == "__main__":  # pragma: no cover

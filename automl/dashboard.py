@@ -77,24 +77,38 @@ def serve_dashboard(
     port: int = 8080,
     on_ready: Callable[[str], None] | None = None,
 ) -> None:
-    """Serve optuna-dashboard until Ctrl-C or SIGTERM, then return (a clean stop)."""
+    """Serve optuna-dashboard until Ctrl-C or SIGTERM, then return (a clean stop).
+
+    The server runs in a thread of its own; the signals only set an event the calling
+    thread waits on, so a signal never lands inside the server's or threading's own code
+    (where an exception could leave a lock held and the process unable to finish)."""
     app = make_dashboard_app(storage_url)
     server = make_server(app, host, port)
     url = dashboard_url(host, server.server_address[1])
-    previous = None
+    stop = threading.Event()
+    previous: dict[signal.Signals, Any] = {}
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _interrupt)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda signum, frame: stop.set())
+    serving = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True
+    )
     try:
+        serving.start()
         if on_ready is not None:
             on_ready(url)
-        server.serve_forever(poll_interval=0.2)
-    except KeyboardInterrupt:
+        while serving.is_alive() and not stop.wait(0.2):
+            pass
         log.debug("dashboard: stopping")
     finally:
+        # shutdown() waits for the serving loop's next poll; a stuck loop (a daemon
+        # thread) is not waited on for long.
+        stopping = threading.Thread(target=server.shutdown, daemon=True)
+        stopping.start()
+        stopping.join(STOP_SECONDS)
         server.server_close()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+STOP_SECONDS = 2.0

@@ -202,3 +202,24 @@ def test_help_does_not_import_torch_sklearn_or_pandas() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
     assert "automl run" in out.stdout or "run" in out.stdout
+
+
+def test_the_process_ends_even_when_closing_up_hangs(tmp_path: Path) -> None:
+    """The console script's last step (closing logs and connections) cannot keep the
+    process alive: after EXIT_GRACE_SECONDS it ends with the command's own status."""
+    code = (
+        "import time\n"
+        "import automl.cli as cli, automl.storage as storage\n"
+        "cli.EXIT_GRACE_SECONDS = 0.5\n"
+        "storage.close_storages = lambda: time.sleep(3600)\n"
+        "cli.entry()\n"
+    )
+    url = f"sqlite:///{tmp_path / 'none.db'}"
+    done = subprocess.run(
+        [sys.executable, "-c", code, "show", "nosuch", "--storage", url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr  # the command's own status: no such storage
+    assert "no study storage" in done.stderr

@@ -56,7 +56,8 @@ class Served:
 @pytest.fixture
 def served(storage_url: str) -> Iterator[Served]:
     make_study(storage_url)
-    env = {**os.environ, "COLUMNS": "200"}
+    # A dashboard that does not stop dumps every thread's stack on SIGABRT (see _stopped).
+    env = {**os.environ, "COLUMNS": "200", "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.Popen(
         [*automl_command(), "dashboard", "--storage", storage_url, "--port", "0"],
         stdout=subprocess.PIPE,
@@ -102,16 +103,28 @@ def test_dashboard_serves_the_study_and_stops_cleanly_on_ctrl_c(
     assert len(detail["trials"]) == 3
     assert len(detail["trials"][0]["intermediate_values"]) == 3
     served.proc.send_signal(signal.SIGINT)
-    _, err = served.proc.communicate(timeout=DEADLINE)
+    err = _stopped(served.proc)
     assert served.proc.returncode == 0, err
     assert "dashboard stopped" in err
     assert "Traceback" not in err
 
 
+def _stopped(proc: subprocess.Popen[str]) -> str:
+    """The stderr of a dashboard that was told to stop; if it does not stop in time, a
+    failure showing where each of its threads is."""
+    try:
+        _, err = proc.communicate(timeout=DEADLINE)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        _, err = proc.communicate(timeout=DEADLINE)
+        pytest.fail(f"the dashboard did not stop within {DEADLINE} s:\n{err[-6000:]}")
+    return err
+
+
 @pytest.mark.slow
 def test_dashboard_stops_cleanly_on_sigterm(served: Served) -> None:
     served.proc.terminate()
-    _, err = served.proc.communicate(timeout=DEADLINE)
+    err = _stopped(served.proc)
     assert served.proc.returncode == 0, err
     assert "dashboard stopped" in err
 
