@@ -223,9 +223,9 @@ def test_an_existing_study_opens_without_alembic(storage_url: str, tmp_path: Pat
     )
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr
     # ... and Optuna's own, unpatched check still accepts the file.
-    optuna_cli = str(Path(sys.executable).with_name("optuna"))
+    optuna_cli = [sys.executable, "-c", "import sys; from optuna.cli import main; sys.exit(main())"]
     done = subprocess.run(
-        [optuna_cli, "studies", "--storage", storage_url, "-f", "json"],
+        [*optuna_cli, "studies", "--storage", storage_url, "-f", "json"],
         capture_output=True,
         text=True,
         check=True,
