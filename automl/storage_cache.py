@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from typing import Any
 
 from optuna.storages import RDBStorage, _CachedStorage
@@ -62,6 +62,10 @@ class RunStorage(_CachedStorage):
         # each trial's reports were last written.
         self._reports: dict[int, dict[int, float]] = {}
         self._reports_written: dict[int, float] = {}
+        # get_all_trials' sorted lists, per (study, states), valid while the cache's
+        # generation (bumped by every change to its trials) is the one they were made in.
+        self._generation = 0
+        self._sorted: dict[tuple[int, frozenset[TrialState] | None], tuple[int, list[Any]]] = {}
 
     def _own(self, trial_id: int) -> Any:
         return self._owned.get(trial_id)
@@ -224,6 +228,42 @@ class RunStorage(_CachedStorage):
         super()._read_trials_from_remote_storage(study_id)
         self._last_read[study_id] = time.monotonic()
 
+    def _add_trials_to_cache(self, study_id: int, trials: list[Any]) -> None:
+        super()._add_trials_to_cache(study_id, trials)
+        if trials:
+            self._generation += 1
+
+    def delete_study(self, study_id: int) -> None:
+        super().delete_study(study_id)
+        self._generation += 1
+
+    def get_all_trials(
+        self,
+        study_id: int,
+        deepcopy: bool = True,
+        states: Container[TrialState] | None = None,
+    ) -> list[Any]:
+        """As Optuna's, without filtering and sorting every trial on every call: the
+        pruner and the sampler ask for the trials some fifteen times a trial, and at 1,000
+        trials that was a fifth of the bookkeeping. The sorted list is kept until the
+        cache's trials change."""
+        import copy
+
+        self._read_trials_from_remote_storage(study_id)
+        wanted = None if states is None else frozenset(s for s in TrialState if s in states)
+        key = (study_id, wanted)
+        with self._lock:
+            made = self._sorted.get(key)
+            if made is None or made[0] != self._generation:
+                by_number = self._studies[study_id].trials
+                ordered = [by_number[n] for n in sorted(by_number)]
+                if wanted is not None:
+                    ordered = [t for t in ordered if t.state in wanted]
+                made = (self._generation, ordered)
+                self._sorted[key] = made
+            listed = made[1]
+        return copy.deepcopy(listed) if deepcopy else list(listed)
+
     def create_new_trial(self, study_id: int, template_trial: Any = None) -> int:
         import copy
 
@@ -284,6 +324,7 @@ class RunStorage(_CachedStorage):
                 self._last_read.clear()
                 return
             self._studies[where[0]].trials[trial.number] = trial
+            self._generation += 1
 
     def set_trial_user_attrs(self, trial_id: int, attrs: dict[str, Any]) -> None:
         """Set several user attributes in one transaction (one multi-row upsert on SQLite

@@ -98,7 +98,9 @@ def _lean_tpe(sampler: Any) -> Any:
       (a third of the sampling time at 1,000 trials; the values agree to 1e-7);
     - the group-decomposed search space is updated with the trials finished since the
       last call instead of being rebuilt from every trial (re-adding a trial's
-      distributions never changes the groups, so the result is the same).
+      distributions never changes the groups, so the result is the same);
+    - a finished trial's parameters are converted to TPE's internal form once per search
+      space, not on every sampling call.
 
     Where Optuna's internals differ (another release), the sampler is used as it is."""
     try:
@@ -112,7 +114,45 @@ def _lean_tpe(sampler: Any) -> Any:
     space = getattr(sampler, "_group_decomposed_search_space", None)
     if space is not None and hasattr(space, "_search_space"):
         sampler._group_decomposed_search_space = _IncrementalGroupSpace(space)
+    if hasattr(sampler, "_get_internal_repr") and hasattr(sampler, "_get_params"):
+        sampler._get_internal_repr = _InternalReprCache(sampler._get_params)
     return sampler
+
+
+class _InternalReprCache:
+    """TPE's ``_get_internal_repr`` with each finished trial's row computed once per
+    search space: converting every trial's parameters on every sampling call was the
+    largest single cost of sampling at 1,000 trials. A finished trial's parameters never
+    change; a running trial's (constant liar) are converted each time, as Optuna does."""
+
+    def __init__(self, get_params: Any) -> None:
+        self._get_params = get_params
+        self._rows: dict[tuple[Any, ...], dict[int, tuple[float, ...] | None]] = {}
+
+    def __call__(self, trials: list[Any], search_space: dict[str, Any], study: Any) -> Any:
+        import numpy as np
+
+        names = list(search_space)
+        rows = self._rows.setdefault(tuple(search_space.items()), {})
+        columns: list[list[float]] = [[] for _ in names]
+        for trial in trials:
+            finished = trial.state.is_finished()
+            row: tuple[float, ...] | None
+            if finished and trial._trial_id in rows:
+                row = rows[trial._trial_id]
+            else:
+                params = self._get_params(trial, study)
+                row = (
+                    tuple(d.to_internal_repr(params[n]) for n, d in search_space.items())
+                    if search_space.keys() <= params.keys()
+                    else None  # a trial without every parameter is left out
+                )
+                if finished:
+                    rows[trial._trial_id] = row
+            if row is not None:
+                for column, value in zip(columns, row, strict=True):
+                    column.append(value)
+        return {name: np.asarray(column) for name, column in zip(names, columns, strict=True)}
 
 
 class _IncrementalGroupSpace:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -354,3 +355,32 @@ def test_the_lean_tpe_searches_like_optunas_own(monkeypatch: pytest.MonkeyPatch)
     lean = best_of(_lean_tpe(optuna.samplers.TPESampler(seed=3, multivariate=True, group=True)))
     assert _truncnorm._log_ndtr is not optunas_log_ndtr  # SciPy's is in place
     assert lean == pytest.approx(plain, abs=1e-6)  # the same search, to float rounding
+
+
+@pytest.mark.parametrize("options", [{}, {"multivariate": True, "group": True}])
+def test_the_lean_tpe_samples_exactly_what_optunas_does(options: dict[str, Any]) -> None:
+    """Its caches (the group space, each finished trial's internal parameters) change no
+    sample: the same seed gives the same trials as Optuna's own TPE, with categorical,
+    integer, log and conditional parameters, and pruned trials."""
+    from automl.studies import _lean_tpe
+
+    def objective(trial: optuna.Trial) -> float:
+        kind = trial.suggest_categorical("kind", ["a", "b", "c"])
+        x = trial.suggest_float("x", -3, 3)
+        n = trial.suggest_int("n", 1, 64, log=True)
+        lr = trial.suggest_float("lr", 1e-5, 1e-1, log=True)
+        extra = trial.suggest_float("momentum", 0.0, 0.9) if kind == "a" else 0.0
+        value = (x - 1) ** 2 + abs(n - 8) / 8 + abs(math.log10(lr) + 3) + extra
+        trial.report(value, 0)
+        if trial.number % 7 == 3:
+            raise optuna.TrialPruned()
+        return value
+
+    def params(sampler: optuna.samplers.BaseSampler) -> list[dict[str, Any]]:
+        study = optuna.create_study(sampler=sampler)
+        study.optimize(objective, n_trials=40)
+        return [t.params for t in study.trials]
+
+    lean = params(_lean_tpe(optuna.samplers.TPESampler(seed=5, **options)))
+    plain = params(optuna.samplers.TPESampler(seed=5, **options))  # SciPy's log_ndtr too
+    assert lean == plain

@@ -119,3 +119,34 @@ def test_parameters_are_written_together_before_anything_else(storage_url: str) 
     study.tell(trial, 1.0)
     with pytest.raises(ValueError):  # a clashing distribution is refused at once
         study.ask().suggest_int("x", 0, 5)
+
+
+def test_listed_trials_follow_every_change_in_order_and_by_state(storage_url: str) -> None:
+    """get_all_trials keeps its sorted lists between changes: each ask, tell and re-read
+    shows at once, filtered by state, and a caller's list is its own to change."""
+    mine = RunStorage(RDBStorage(storage_url), refresh=3600)
+    study = _study(mine)
+    complete = (TrialState.COMPLETE,)
+    trials = [study.ask() for _ in range(5)]
+    for i, trial in enumerate(trials[:4]):
+        if i == 2:
+            study.tell(trial, state=TrialState.PRUNED)
+        else:
+            study.tell(trial, float(i))
+    assert [t.number for t in study.get_trials(deepcopy=False)] == [0, 1, 2, 3, 4]
+    assert [t.number for t in study.get_trials(deepcopy=False, states=complete)] == [0, 1, 3]
+    study.get_trials(deepcopy=False).clear()  # the caller's list, not the cache's
+    assert len(study.get_trials(deepcopy=False)) == 5
+    study.tell(trials[4], 9.0)
+    assert [t.number for t in study.get_trials(deepcopy=False, states=complete)] == [0, 1, 3, 4]
+    other = _study(storage_url)  # another worker's trial shows once the cache re-reads
+    other.tell(other.ask(), 0.5)
+    mine.read_now()
+    assert [t.number for t in study.get_trials(deepcopy=False, states=complete)] == [
+        0,
+        1,
+        3,
+        4,
+        5,
+    ]
+    assert study.get_trials()[5].state == TrialState.COMPLETE
