@@ -149,9 +149,9 @@ def fit_numeric(values: np.ndarray) -> tuple[list[float], list[float], list[floa
     for an empty column), then the mean and scale of the column with its median filled
     in (scale 1 for a constant column). As scikit-learn's SimpleImputer(strategy="median",
     keep_empty_features=True) and StandardScaler compute them, operation for operation."""
-    medians = np.ma.getdata(np.ma.median(np.ma.masked_array(values, np.isnan(values)), axis=0))
-    medians = np.array(medians, dtype=np.float64)
-    medians[np.isnan(medians)] = 0.0
+    masked = np.ma.median(np.ma.masked_array(values, np.isnan(values)), axis=0)
+    medians = np.array(np.ma.getdata(masked), dtype=np.float64)
+    medians[np.ma.getmaskarray(masked)] = 0.0  # an empty column
     filled = np.where(np.isnan(values), medians, values)
     count = np.full(filled.shape[1], float(filled.shape[0]))
     total = filled.sum(axis=0)
