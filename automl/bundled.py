@@ -126,9 +126,9 @@ def load_bundled(name: str) -> tuple[pd.DataFrame, pd.Series]:
         return _from_sklearn(name)
     try:
         data, target = _arrays(name, folder)
-    except (OSError, ValueError):
+        frame = pd.DataFrame(data, columns=FEATURES[name], copy=False)
+    except (OSError, ValueError):  # files not as expected: scikit-learn's own loader
         return _from_sklearn(name)
-    frame = pd.DataFrame(data, columns=FEATURES[name], copy=False)
     return frame, pd.Series(target, name="target")
 
 
