@@ -118,3 +118,15 @@ def test_a_run_on_a_bundled_dataset_does_not_import_sklearn(tmp_path: Path) -> N
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path
     )
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr
+
+
+def test_data_files_not_where_expected_fall_back_to_sklearns_loader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "wine_data.csv").write_text("3,2,a,b\n1.0,2.0,0\n")  # another shape
+    monkeypatch.setattr("automl.bundled._data_folder", lambda: tmp_path)
+    for name in ("iris", "wine"):  # a missing file; a file of another shape
+        frame, target = load_bundled(name)
+        bunch = getattr(datasets, f"load_{name}")(as_frame=True)
+        pd.testing.assert_frame_equal(frame, bunch.frame.drop(columns=["target"]))
+        pd.testing.assert_series_equal(target, bunch.target)
