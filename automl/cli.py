@@ -351,7 +351,10 @@ def run(
         typer.Option(
             "--pack",
             min=1,
-            help="Train K trials at once: compatible ones as one fused model (small MLPs).",
+            help=(
+                "Train K trials at once: compatible ones as one fused model (small MLPs; "
+                "on a GPU, 32 or more)."
+            ),
         ),
     ] = 1,
     dataset: Annotated[Optional[str], typer.Option("--dataset", help="A bundled dataset.")] = None,
