@@ -90,15 +90,23 @@ def serve_dashboard(
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, lambda signum, frame: stop.set())
-    serving = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True
-    )
+    failed: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            server.serve_forever(poll_interval=0.2)
+        except BaseException as exc:  # raised again in the calling thread, below
+            failed.append(exc)
+
+    serving = threading.Thread(target=serve, daemon=True)
     try:
         serving.start()
         if on_ready is not None:
             on_ready(url)
         while serving.is_alive() and not stop.wait(0.2):
             pass
+        if failed:
+            raise failed[0]
         log.debug("dashboard: stopping")
     finally:
         # shutdown() waits for the serving loop's next poll; a stuck loop (a daemon

@@ -197,3 +197,18 @@ def test_dashboard_on_a_busy_port_is_bad_input(storage_url: str) -> None:
         result = runner.invoke(app, ["dashboard", "--storage", storage_url, "--port", str(port)])
     assert result.exit_code == 2
     assert f"port {port} on 127.0.0.1 is in use" in result.stderr
+
+
+def test_a_server_that_fails_is_an_error_not_a_silent_stop(
+    storage_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from automl import dashboard
+
+    make_study(storage_url)
+
+    def broken(self: Any, poll_interval: float = 0.5) -> None:
+        raise OSError("the listening socket went away")
+
+    monkeypatch.setattr("socketserver.BaseServer.serve_forever", broken)
+    with pytest.raises(OSError, match="listening socket went away"):
+        dashboard.serve_dashboard(storage_url, port=0)
