@@ -985,12 +985,14 @@ def entry() -> None:
     except KeyboardInterrupt:
         code = 130
     finally:
+        status = 0 if code is None else code if isinstance(code, int) else 1
         # Whatever happens below, the process ends: its work is committed by now.
-        status = code if isinstance(code, int) else (0 if code is None else 1)
         watchdog = threading.Timer(EXIT_GRACE_SECONDS, os._exit, args=(status,))
         watchdog.daemon = True
         watchdog.start()
         try:
+            if not isinstance(code, (int, type(None))):
+                print(code, file=sys.stderr)  # SystemExit("message")
             sys.stdout.flush()
             sys.stderr.flush()
         except Exception:  # a closed pipe (automl ... | head): nothing left to say
@@ -1000,12 +1002,7 @@ def entry() -> None:
             from automl.storage import close_storages
 
             close_storages()
-    if code is None:
-        code = 0
-    elif not isinstance(code, int):
-        print(code, file=sys.stderr)
-        code = 1
-    os._exit(code)
+    os._exit(status)
 
 
 # How long closing logs and connections may take before the process ends regardless.

@@ -902,20 +902,23 @@ class _EpochMasks:
         self.model = model
         self.dropouts = list(dropouts)
         self.any = any(p > 0 for p in dropouts)
+        weight = model.weights[0]
+        self.shared = weight.device.type not in EXACT_STREAMS
+        # Members whose generator alternates noise and dropout draws (never with the
+        # group's generator): drawn step by step.
         self.stepwise = [
-            m for m, (p, s) in enumerate(zip(dropouts, noises, strict=True)) if p > 0 and s > 0
+            m
+            for m, (p, s) in enumerate(zip(dropouts, noises, strict=True))
+            if p > 0 and s > 0 and not self.shared
         ]
         self.bs = bs
         self.n_full = n // bs
-        weight = model.weights[0]
         per_step = model.n_layers * len(dropouts) * bs * weight.shape[1] * weight.element_size()
         self.chunk = max(1, min(self.n_full, self.CHUNK_BYTES // max(per_step, 1)))
         self.block: torch.Tensor | None = None
         self.block_start = -1
-        self.shared = weight.device.type not in EXACT_STREAMS
         if self.shared and self.any:
             k, width = len(self.dropouts), weight.shape[1]
-            self.stepwise = []
             thresholds = torch.tensor([keep_threshold(p) for p in self.dropouts])
             self.threshold = thresholds.view(1, 1, k, 1, 1).to(weight.device)
             scale = torch.zeros(k, width, dtype=weight.dtype)

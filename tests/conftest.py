@@ -2,13 +2,41 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+# Each optimizer's hyperparameters, away from their defaults (the fused-training tests).
+OPTIMIZER_PARAMS: dict[str, dict[str, Any]] = {
+    "sgd": {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4},
+    "adam": {"lr": 2e-3, "weight_decay": 1e-4, "beta1": 0.85},
+    "adamw": {"lr": 2e-3, "weight_decay": 1e-2},
+    "rmsprop": {"lr": 1e-3, "momentum": 0.5, "alpha": 0.95},
+    "adagrad": {"lr": 2e-2, "lr_decay": 0.01},
+    "adadelta": {"lr": 1.0, "rho": 0.85},
+    "adabound": {"lr": 1e-3, "final_lr": 0.05},
+}
+
+
+def imported_by(code: str, packages: tuple[str, ...], cwd: Path) -> list[str]:
+    """The modules of ``packages`` that running ``code`` in a fresh interpreter imports."""
+    probe = (
+        "\nimport json, sys\n"
+        f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {packages!r})))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code + probe], capture_output=True, text=True, check=True, cwd=cwd
+    )
+    return list(json.loads(done.stdout.strip().splitlines()[-1]))
+
 
 TINY_SPACE = """\
 name: tiny

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from conftest import OPTIMIZER_PARAMS
 from optuna.trial import TrialState
 from sklearn.datasets import load_digits
 from typer.testing import CliRunner
@@ -28,16 +29,6 @@ from automl.training import train
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")
 
 runner = CliRunner()
-
-OPTIMIZER_PARAMS: dict[str, dict[str, Any]] = {
-    "sgd": {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4},
-    "adam": {"lr": 2e-3, "weight_decay": 1e-4, "beta1": 0.85},
-    "adamw": {"lr": 2e-3, "weight_decay": 1e-2},
-    "rmsprop": {"lr": 1e-3, "momentum": 0.5, "alpha": 0.95},
-    "adagrad": {"lr": 2e-2, "lr_decay": 0.01},
-    "adadelta": {"lr": 1.0, "rho": 0.85},
-    "adabound": {"lr": 1e-3, "final_lr": 0.05},
-}
 
 SPACE = {
     "name": "gpu",

@@ -46,6 +46,11 @@ def cmd(*args: str) -> list[str]:
     return [*automl_command(), *args]
 
 
+def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    """``automl ARGS`` in a process of its own, its output captured."""
+    return subprocess.run(cmd(*args), capture_output=True, text=True, timeout=timeout)
+
+
 def trials_of(url: str, study: str) -> list[Any]:
     import optuna
 
@@ -258,14 +263,9 @@ def test_workers_with_bad_data_fail_before_writing_anything(
 def test_two_workers_on_sqlite_reach_until_with_distinct_first_trials(
     tiny_space: Path, storage_url: str
 ) -> None:
-    proc = subprocess.run(
-        cmd(
-            *("run", str(tiny_space), "--storage", storage_url),
-            *("--workers", "2", "--until", "5", "--json"),
-        ),
-        capture_output=True,
-        text=True,
-        timeout=240,
+    proc = run_cli(
+        *("run", str(tiny_space), "--storage", storage_url),
+        *("--workers", "2", "--until", "5", "--json"),
     )
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
@@ -279,13 +279,9 @@ def test_two_workers_on_sqlite_reach_until_with_distinct_first_trials(
     # one seed, worker 1's k-th trial would repeat worker 0's k-th).
     assert len({json.dumps(t.params, sort_keys=True) for t in trials}) == len(trials)
     # Nothing left to do: the cron form returns at once without starting workers.
-    again = subprocess.run(
-        cmd(
-            *("run", str(tiny_space), "--storage", storage_url),
-            *("--workers", "2", "--until", "5", "--json"),
-        ),
-        capture_output=True,
-        text=True,
+    again = run_cli(
+        *("run", str(tiny_space), "--storage", storage_url),
+        *("--workers", "2", "--until", "5", "--json"),
         timeout=120,
     )
     assert again.returncode == 0, again.stderr
@@ -296,14 +292,9 @@ def test_two_workers_on_sqlite_reach_until_with_distinct_first_trials(
 def test_workers_sharing_n_trials_report_what_they_ran_together(
     tiny_space: Path, storage_url: str
 ) -> None:
-    proc = subprocess.run(
-        cmd(
-            *("run", str(tiny_space), "--storage", storage_url),
-            *("--workers", "2", "--n-trials", "5", "--json"),
-        ),
-        capture_output=True,
-        text=True,
-        timeout=240,
+    proc = run_cli(
+        *("run", str(tiny_space), "--storage", storage_url),
+        *("--workers", "2", "--n-trials", "5", "--json"),
     )
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
@@ -449,13 +440,9 @@ def test_a_worker_killed_on_postgresql_is_recovered_by_the_others(
 
 @pytest.mark.slow
 def test_two_workers_on_mariadb(tiny_space: Path, mysql_url: str) -> None:
-    proc = subprocess.run(
-        cmd(
-            *("run", str(tiny_space), "--storage", mysql_url),
-            *("--workers", "2", "--until", "6", "--json"),
-        ),
-        capture_output=True,
-        text=True,
+    proc = run_cli(
+        *("run", str(tiny_space), "--storage", mysql_url),
+        *("--workers", "2", "--until", "6", "--json"),
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
@@ -488,13 +475,9 @@ def test_two_workers_through_the_grpc_proxy(tiny_space: Path, tmp_path: Path) ->
                 return s.connect_ex(("127.0.0.1", port)) == 0
 
         wait_for(listening, timeout=60, what="the proxy to listen")
-        run = subprocess.run(
-            cmd(
-                *("run", str(tiny_space), "--storage", f"grpc://127.0.0.1:{port}"),
-                *("--workers", "2", "--until", "6", "--json"),
-            ),
-            capture_output=True,
-            text=True,
+        run = run_cli(
+            *("run", str(tiny_space), "--storage", f"grpc://127.0.0.1:{port}"),
+            *("--workers", "2", "--until", "6", "--json"),
             timeout=300,
         )
         assert run.returncode == 0, run.stderr

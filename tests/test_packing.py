@@ -11,6 +11,7 @@ from typing import Any
 import optuna
 import pytest
 import torch
+from conftest import OPTIMIZER_PARAMS
 from typer.testing import CliRunner
 
 from automl.cli import app
@@ -21,16 +22,6 @@ from automl.spaces import DataSpec, TrialConfig
 from automl.training import TrialDiverged, train
 
 RTOL = 1e-4  # float32 rounding differences (bmm vs addmm, padded sums) over 2 epochs
-
-OPTIMIZER_PARAMS: dict[str, dict[str, Any]] = {
-    "sgd": {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4},
-    "adam": {"lr": 2e-3, "weight_decay": 1e-4, "beta1": 0.85},
-    "adamw": {"lr": 2e-3, "weight_decay": 1e-2},
-    "rmsprop": {"lr": 1e-3, "momentum": 0.5, "alpha": 0.95},
-    "adagrad": {"lr": 2e-2, "lr_decay": 0.01},
-    "adadelta": {"lr": 1.0, "rho": 0.85},
-    "adabound": {"lr": 1e-3, "final_lr": 0.05},
-}
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,12 @@ studies keep their splits and preprocessing; and a run no longer imports scikit-
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import imported_by
 from sklearn import datasets
 from sklearn.impute import SimpleImputer
 from sklearn.model_selection import train_test_split as sk_split
@@ -107,17 +106,12 @@ def test_a_run_on_a_bundled_dataset_does_not_import_sklearn(tmp_path: Path) -> N
         "space: {hidden_units: [8], batch_size: [32]}\n"
     )
     code = (
-        "import sys\n"
         "from automl.cli import app\n"
         f"sys.argv = ['automl', 'run', {str(space)!r}, '--n-trials', '1', "
         f"'--storage', 'sqlite:///{tmp_path / 's.db'}']\n"
         "try:\n    app()\nexcept SystemExit as exc:\n    assert exc.code in (0, None), exc.code\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'sklearn'))\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path
-    )
-    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr
+    assert imported_by("import sys\n" + code, ("sklearn",), tmp_path) == []
 
 
 def test_data_files_not_where_expected_fall_back_to_sklearns_loader(
