@@ -99,6 +99,36 @@ def test_fused_member_matches_alone_for_every_regression_loss(
     _assert_same_curves(_members("adam", loss), diabetes)
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_members_with_their_own_betas_match_alone(optimizer: str, digits: DeviceData) -> None:
+    """Members that share betas and eps are updated by torch's fused kernel (one pass for
+    the group, each member's rate applied after); members that do not, by the tensor
+    formulas. Both follow the path alone."""
+    from automl.packing import FusedOptimizer
+
+    shared = _members(optimizer, "cross_entropy")
+    own = [
+        TrialConfig.from_dict(
+            {**c.to_dict(), "optimizer_params": {**c.optimizer_params, "beta2": beta2}}
+        )
+        for c, beta2 in zip(shared, [0.99, 0.999, 0.95], strict=True)
+    ]
+    flat = [torch.zeros(3, 4)]
+    assert FusedOptimizer(optimizer, shared, flat).kernel is not None
+    assert FusedOptimizer(optimizer, own, flat).kernel is None
+    _assert_same_curves(own, digits)
+
+
+def test_square_roots_of_zero_and_denormal_moments_are_floored_not_changed() -> None:
+    from automl.packing import SQRT_FLOOR, _sqrt
+
+    values = torch.tensor([0.0, 1e-40, 1e-30, 1e-20, 2.0, 1e6])
+    roots = _sqrt(values)
+    assert roots[:3].tolist() == [pytest.approx(SQRT_FLOOR**0.5)] * 3
+    assert torch.equal(roots[3:], values[3:].sqrt())
+    assert values[0] == 0.0  # the moments themselves are left as they are
+
+
 def test_members_with_different_optimizers_match_alone(digits: DeviceData) -> None:
     configs = [
         TrialConfig.from_dict(
