@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -123,16 +122,29 @@ def group_configs(
     return groups, sorted(alone)
 
 
-# Per training step on one CPU thread, in milliseconds (bench/fused.py's configurations,
-# timed on the 2-core build machine: digits, batch 64, 2 layers, widths 16 and 128): a
-# fused group costs a fixed GROUP_MS plus, per member, MEMBER_MS and MS_PER_MFLOP times
-# its padded forward-and-backward work; a model trained alone costs ALONE_MS plus
-# ALONE_MS_PER_MFLOP times the same work at its own width. Only the ratios matter.
-GROUP_MS = 0.29
-MEMBER_MS = 0.029
-MS_PER_MFLOP = 0.024
-ALONE_MS = 0.24
-ALONE_MS_PER_MFLOP = 0.017
+# Padded widths are a multiple of PAD_UNITS and at least MIN_WIDTH: a batched matrix
+# product whose width is not a whole number of AVX lanes runs at a fraction of the speed
+# (9 units: 2x slower than 16 on the build machine), and one 8 wide 2.5x slower than one
+# 16 wide (oneDNN/MKL's small-matrix paths). A padded unit stays exactly zero.
+PAD_UNITS = 8
+MIN_WIDTH = 16
+
+
+def padded_width(width: int) -> int:
+    return max(MIN_WIDTH, -(-width // PAD_UNITS) * PAD_UNITS)
+
+
+# Per training step on one CPU thread, in milliseconds (digits, batch 64, 2 layers, Adam,
+# dropout; widths 8..128 and groups of 2..32, fitted on the 2-core build machine): a fused
+# group costs a fixed GROUP_MS plus, per member, MEMBER_MS and MS_PER_MFLOP times its
+# forward-and-backward work at the group's padded width; a model trained alone costs
+# ALONE_MS plus ALONE_MS_PER_MFLOP times the same work at its own width. Only the ratios
+# matter.
+GROUP_MS = 0.59
+MEMBER_MS = 0.052
+MS_PER_MFLOP = 0.0355
+ALONE_MS = 0.89
+ALONE_MS_PER_MFLOP = 0.011
 
 
 def split_by_width(
@@ -161,7 +173,8 @@ def split_by_width(
         width = configs[order[hi]].hidden_units
         if lo == hi:
             return ALONE_MS + ALONE_MS_PER_MFLOP * mflops(width)
-        return GROUP_MS + (hi - lo + 1) * (MEMBER_MS + MS_PER_MFLOP * mflops(width))
+        padded = padded_width(width)
+        return GROUP_MS + (hi - lo + 1) * (MEMBER_MS + MS_PER_MFLOP * mflops(padded))
 
     n = len(order)
     best = [0.0] + [math.inf] * n  # best[j]: cheapest split of the first j members
@@ -181,22 +194,18 @@ def split_by_width(
 
 # --------------------------------------------------------------------------- the model
 
-# Padded widths are a multiple of this: a batched matrix product whose width is not a
-# whole number of AVX lanes runs at a fraction of the speed (9 units: 2x slower than 16 on
-# the build machine), and a padded unit stays exactly zero.
-PAD_UNITS = 8
-
-
-def padded_width(width: int) -> int:
-    return -(-width // PAD_UNITS) * PAD_UNITS
-
 
 class FusedMLP:
     """K MLPs of the same depth, their parameters in one (K, P) tensor ``flat``: member m's
     weights and biases are row m, weights first. ``weights[i]`` is layer i's (K, in, out)
-    view (the transpose of nn.Linear's) and ``biases[i]`` its (K, 1, out) view; they are
-    autograd leaves whose gradients accumulate into the views of ``flat_grad``, so the
-    optimizer updates every parameter of every member in a few operations on two tensors."""
+    view (the transpose of nn.Linear's) and ``biases[i]`` its (K, 1, out) view; their
+    gradients are the same views of ``flat_grad``. So the optimizer updates every
+    parameter of every member in a few operations on two tensors.
+
+    The backward pass is written out (``backward``), with the kernels autograd itself
+    calls for each layer, activation and loss: autograd's own bookkeeping cost more than
+    half of a narrow group's step on the CPU (about 0.1 ms a backward call whatever its
+    size, and several microseconds an operation)."""
 
     def __init__(
         self,
@@ -208,6 +217,7 @@ class FusedMLP:
         first = configs[0]
         self.n_layers = first.n_layers
         self.activation = ACTIVATIONS[first.activation]()
+        self.activation_name = first.activation
         n_features = math.prod(int(s) for s in input_shape)
         self.width = padded_width(max(c.hidden_units for c in configs))
         dims = [n_features] + [self.width] * self.n_layers + [n_outputs]
@@ -244,25 +254,20 @@ class FusedMLP:
     def _make_views(self) -> None:
         k = self.flat.shape[0]
         self.flat_grad = torch.zeros_like(self.flat)
-        self.weights, self.biases = [], []
+        self.weights, self.biases, self.weight_grads, self.bias_grads = [], [], [], []
         start = 0
         for inp, out in self.shapes:
-            self.weights.append(self._leaf(slice(start, start + inp * out), (k, inp, out)))
+            columns = slice(start, start + inp * out)
+            self.weights.append(self.flat[:, columns].view(k, inp, out))
+            self.weight_grads.append(self.flat_grad[:, columns].view(k, inp, out))
             start += inp * out
         for _, out in self.shapes:
-            self.biases.append(self._leaf(slice(start, start + out), (k, 1, out)))
+            columns = slice(start, start + out)
+            self.biases.append(self.flat[:, columns].view(k, 1, out))
+            self.bias_grads.append(self.flat_grad[:, columns].view(k, 1, out))
             start += out
 
-    def _leaf(self, columns: slice, shape: tuple[int, ...]) -> torch.Tensor:
-        # The gradient is a strided view (rows of ``flat_grad``), which torch accumulates
-        # into in place (see _backward).
-        leaf = self.flat[:, columns].view(shape).requires_grad_()
-        leaf.grad = self.flat_grad[:, columns].view(shape)
-        return leaf
-
-    def zero_grad(self) -> None:
-        self.flat_grad.zero_()
-
+    @torch.no_grad()
     def forward(self, x: torch.Tensor, masks: Sequence[torch.Tensor | None] = ()) -> torch.Tensor:
         """``x`` is (K, B, F) (one batch per member) or (B, F) (shared); out (K, B, C)."""
         h = x
@@ -274,6 +279,52 @@ class FusedMLP:
                 if mask is not None:
                     h = h * mask
         return h
+
+    @torch.no_grad()
+    def forward_train(
+        self, x: torch.Tensor, masks: Sequence[torch.Tensor | None]
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, ...]]]:
+        """``forward`` on (K, B, F) batches, and what ``backward`` needs of each hidden
+        layer: its input, pre-activation, activation and mask."""
+        saved: list[tuple[torch.Tensor, ...]] = []
+        h = x
+        for layer in range(self.n_layers):
+            pre = torch.baddbmm(self.biases[layer], h, self.weights[layer])
+            post = self.activation(pre)
+            mask = masks[layer] if layer < len(masks) else None
+            saved.append((h, pre, post) if mask is None else (h, pre, post, mask))
+            h = post if mask is None else post * mask
+        saved.append((h,))
+        return torch.baddbmm(self.biases[-1], h, self.weights[-1]), saved
+
+    @torch.no_grad()
+    def backward(
+        self,
+        saved: list[tuple[torch.Tensor, ...]],
+        grad_out: torch.Tensor,
+        l1: torch.Tensor | None = None,
+    ) -> None:
+        """Write into ``flat_grad`` every member's gradients, given the gradient of the
+        summed loss with respect to the output (and, with ``l1``, each member's L1
+        penalty on its weights)."""
+        grad = grad_out
+        for layer in range(self.n_layers, -1, -1):
+            h = saved[layer][0]
+            # Into a fresh tensor, then copied: bmm's out= on a strided view loops over
+            # the members one matrix at a time (four times slower here).
+            self.weight_grads[layer].copy_(torch.bmm(h.transpose(1, 2), grad))
+            torch.sum(grad, dim=1, keepdim=True, out=self.bias_grads[layer])
+            if layer == 0:
+                break
+            grad = torch.bmm(grad, self.weights[layer].transpose(1, 2))
+            _, pre, post, *mask = saved[layer - 1]
+            if mask:
+                grad = grad * mask[0]
+            grad = _activation_backward(self.activation_name, grad, pre, post)
+        if l1 is not None:
+            scale = l1.view(-1, 1, 1)
+            for w, g in zip(self.weights, self.weight_grads, strict=True):
+                g.add_(w.sign() * scale)
 
     def weight_l1(self) -> torch.Tensor:
         """Per member, the sum of absolute weights (biases excluded), as in models.weight_l1."""
@@ -314,6 +365,27 @@ class FusedMLP:
         return state
 
 
+def _activation_backward(
+    name: str, grad: torch.Tensor, pre: torch.Tensor, post: torch.Tensor
+) -> torch.Tensor:
+    """The gradient through ``ACTIVATIONS[name]`` (torch's defaults), by the kernel autograd
+    calls for it."""
+    aten = torch.ops.aten
+    if name == "relu":
+        return aten.threshold_backward(grad, post, 0)
+    if name == "tanh":
+        return aten.tanh_backward(grad, post)
+    if name == "gelu":
+        return aten.gelu_backward(grad, pre, approximate="none")
+    if name == "silu":
+        return aten.silu_backward(grad, pre)
+    if name == "leaky_relu":
+        return aten.leaky_relu_backward(grad, pre, 0.01, False)
+    if name == "elu":
+        return aten.elu_backward(grad, 1.0, 1, 1, False, pre)
+    raise ValueError(f"no fused backward for activation {name!r}")
+
+
 def _member_generator(seed: int, device: torch.device) -> torch.Generator:
     """The generator a member draws dropout and noise from: on CPU a copy of the global
     RNG right after its model was built (what the sequential path draws from next)."""
@@ -326,66 +398,112 @@ def _member_generator(seed: int, device: torch.device) -> torch.Generator:
 
 # --------------------------------------------------------------------------- losses
 
-FusedLoss = Callable[[torch.Tensor, torch.Tensor, dict[str, Any]], torch.Tensor]
+# A fused loss: from the group's output (K, B, C) and targets, each member's mean loss
+# (K,) and the gradient of their sum with respect to the output; the values and
+# gradients autograd gives for the sequential path's loss (training.loss_function).
+_LossGrad = tuple[torch.Tensor, torch.Tensor]
+FusedLoss = Callable[[torch.Tensor, torch.Tensor, dict[str, Any]], _LossGrad]
 
 
-def _flat_ce(out: torch.Tensor, y: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:
-    k, b, c = out.shape
-    target = y.reshape(k * b, -1) if y.dtype.is_floating_point else y.reshape(-1)
-    loss = F.cross_entropy(
-        out.reshape(k * b, c),
-        target,
-        label_smoothing=float(kw.get("label_smoothing", 0.0)),
-        reduction="none",
-    )
-    return loss.view(k, b).mean(dim=1)
+def _cross_entropy(smoothing_key: str | None) -> FusedLoss:
+    """Cross-entropy of log-softmax outputs (label smoothing read from ``smoothing_key``),
+    against class indices or class probabilities (F.cross_entropy's formulas)."""
 
+    def loss(out: torch.Tensor, y: torch.Tensor, kw: dict[str, Any]) -> _LossGrad:
+        k, b, c = out.shape
+        smoothing = float(kw.get(smoothing_key, 0.0)) if smoothing_key else 0.0
+        logp = out.log_softmax(dim=2)
+        if y.dtype.is_floating_point:  # class probabilities
+            target = y.reshape(k, b, c)
+            if smoothing:
+                target = target * (1 - smoothing) + smoothing / c
+            per = -(target * logp).sum(dim=2)
+            grad = target * (-1.0 / b)
+        else:
+            index = y.reshape(k, b, 1)
+            per = -logp.gather(2, index).squeeze(2)
+            grad = torch.zeros_like(logp).scatter_(2, index, -(1 - smoothing) / b)
+            if smoothing:
+                per = per * (1 - smoothing) + (-logp.sum(dim=2)) * (smoothing / c)
+                grad -= smoothing / (c * b)
+        aten = torch.ops.aten
+        return per.mean(dim=1), aten._log_softmax_backward_data(grad, logp, 2, out.dtype)
 
-def _flat_nll(out: torch.Tensor, y: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:
-    k, b, c = out.shape
-    logp = out.log_softmax(dim=2)
-    return F.nll_loss(logp.reshape(k * b, c), y.reshape(-1), reduction="none").view(k, b).mean(1)
+    return loss
 
 
 def _onehot(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return y if y.dtype.is_floating_point else F.one_hot(y, out.shape[-1]).to(out.dtype)
 
 
-def _probs(fn: Callable[..., torch.Tensor]) -> FusedLoss:
-    def loss(out: torch.Tensor, y: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:
-        per = fn(out.softmax(dim=2), _onehot(out, y), reduction="none", **kw)
-        return per.mean(dim=(1, 2))
+def _pointwise_grad(name: str, diff: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:
+    """d loss / d input of F.<name>_loss(input, target) (reduction "none") at
+    ``diff = input - target``: the formula of its backward kernel."""
+    if name == "mse":
+        return 2 * diff
+    if name == "l1":
+        return diff.sign()
+    if name == "huber":
+        delta = float(kw.get("delta", 1.0))
+        return diff.clamp(-delta, delta)
+    return (diff / float(kw.get("beta", 1.0))).clamp(-1.0, 1.0)  # smooth_l1
+
+
+POINTWISE: dict[str, Callable[..., torch.Tensor]] = {
+    "mse": F.mse_loss,
+    "l1": F.l1_loss,
+    "huber": F.huber_loss,
+    "smooth_l1": F.smooth_l1_loss,
+}
+
+
+def _probs(name: str) -> FusedLoss:
+    """A regression loss used for classes: softmax probabilities against one-hot targets."""
+
+    def loss(out: torch.Tensor, y: torch.Tensor, kw: dict[str, Any]) -> _LossGrad:
+        k, b, c = out.shape
+        probs = out.softmax(dim=2)
+        target = _onehot(out, y).reshape(k, b, c)
+        per = POINTWISE[name](probs, target, reduction="none", **kw)
+        grad = _pointwise_grad(name, probs - target, kw) * (1.0 / (b * c))
+        aten = torch.ops.aten
+        return per.mean(dim=(1, 2)), aten._softmax_backward_data(grad, probs, 2, out.dtype)
 
     return loss
 
 
-def _flat_bce(out: torch.Tensor, y: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:
-    per = F.binary_cross_entropy_with_logits(out, _onehot(out, y), reduction="none")
-    return per.mean(dim=(1, 2))
+def _flat_bce(out: torch.Tensor, y: torch.Tensor, kw: dict[str, Any]) -> _LossGrad:
+    k, b, c = out.shape
+    target = _onehot(out, y).reshape(k, b, c)
+    per = F.binary_cross_entropy_with_logits(out, target, reduction="none")
+    return per.mean(dim=(1, 2)), (out.sigmoid() - target) * (1.0 / (b * c))
 
 
-def _regression(fn: Callable[..., torch.Tensor], *, with_kw: bool) -> FusedLoss:
-    def loss(out: torch.Tensor, y: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:
+def _regression(name: str, *, with_kw: bool) -> FusedLoss:
+    def loss(out: torch.Tensor, y: torch.Tensor, kw: dict[str, Any]) -> _LossGrad:
         extra = kw if with_kw else {}
-        return fn(out.squeeze(-1), y, reduction="none", **extra).mean(dim=1)
+        pred = out.squeeze(-1)
+        per = POINTWISE[name](pred, y, reduction="none", **extra)
+        grad = _pointwise_grad(name, pred - y, extra) * (1.0 / pred.shape[1])
+        return per.mean(dim=1), grad.view(out.shape)
 
     return loss
 
 
 FUSED_CLASSIFICATION_LOSSES: dict[str, FusedLoss] = {
-    "cross_entropy": _flat_ce,
-    "nll": _flat_nll,
-    "mse": _probs(F.mse_loss),
-    "huber": _probs(F.huber_loss),
-    "l1": _probs(F.l1_loss),
-    "smooth_l1": _probs(F.smooth_l1_loss),
+    "cross_entropy": _cross_entropy("label_smoothing"),
+    "nll": _cross_entropy(None),
+    "mse": _probs("mse"),
+    "huber": _probs("huber"),
+    "l1": _probs("l1"),
+    "smooth_l1": _probs("smooth_l1"),
     "bce": _flat_bce,
 }
 FUSED_REGRESSION_LOSSES: dict[str, FusedLoss] = {
-    "mse": _regression(F.mse_loss, with_kw=False),
-    "huber": _regression(F.huber_loss, with_kw=True),
-    "l1": _regression(F.l1_loss, with_kw=False),
-    "smooth_l1": _regression(F.smooth_l1_loss, with_kw=True),
+    "mse": _regression("mse", with_kw=False),
+    "huber": _regression("huber", with_kw=True),
+    "l1": _regression("l1", with_kw=False),
+    "smooth_l1": _regression("smooth_l1", with_kw=True),
 }
 
 
@@ -892,7 +1010,12 @@ def train_packed(
             if patience and member.waited >= patience:
                 ended.add(index)
         if keep_state and improved:  # the improved members' weights, in one copy
-            saved = model.flat.detach()[torch.tensor(improved, device=device)]
+            everyone = len(improved) == len(alive)
+            saved = (
+                model.flat.clone()
+                if everyone
+                else model.flat[torch.tensor(improved, device=device)]
+            )
             for position, row in enumerate(improved):
                 members[alive[row]].best_row = saved[position]
         for index in ended:
@@ -915,6 +1038,7 @@ def train_packed(
     return [r if r is not None else RuntimeError("member did not finish") for r in results]
 
 
+@torch.no_grad()
 def _run_fused_epoch(
     model: FusedMLP,
     optimizer: MixedOptimizer,
@@ -953,26 +1077,16 @@ def _run_fused_epoch(
         elif any(noises):
             x = x + _member_noise(model, noises, x)
         masks = ahead.masks(step, b)
-        out = model.forward(x, masks)
-        losses = loss_fn(out, y, loss_params)
+        out, saved = model.forward_train(x, masks)
+        losses, grad_out = loss_fn(out, y, loss_params)
         objective = losses
         if use_l1:
             objective = losses + l1 * model.weight_l1()
-        model.zero_grad()
-        _backward(objective.sum())
+        model.backward(saved, grad_out, l1 if use_l1 else None)
         optimizer.step([model.flat], [model.flat_grad])
-        total += objective.detach()  # with the L1 term, as the sequential loss
+        total += objective  # with the L1 term, as the sequential loss
         n_batches += 1
     return (total / max(n_batches, 1)).tolist()
-
-
-def _backward(loss: torch.Tensor) -> None:
-    # Gradients that are strided views (FusedMLP._leaf) make torch warn once that the
-    # layout "may impair performance": measured, it does not here, and it buys one pass
-    # over the optimizer's state instead of one a layer. Silenced, also under -W error.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="grad and param do not obey")
-        loss.backward()
 
 
 def _member_noise(model: FusedMLP, noises: Sequence[float], x: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from automl.cli import app
 from automl.data import DeviceData, load_dataset, to_device
-from automl.models import build_model
+from automl.models import ACTIVATIONS, build_model
 from automl.packing import FUSED_OPTIMIZERS, group_configs, group_key, train_packed
 from automl.spaces import DataSpec, TrialConfig
 from automl.training import TrialDiverged, train
@@ -81,6 +81,75 @@ def test_fused_member_matches_alone_for_every_classification_loss(
     loss: str, digits: DeviceData
 ) -> None:
     _assert_same_curves(_members("adam", loss), digits)
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_fused_member_matches_alone_for_every_activation(
+    activation: str, digits: DeviceData
+) -> None:
+    """The fused backward pass is written out per activation; each must give autograd's
+    gradients (with dropout, noise and L1 in the group)."""
+    _assert_same_curves(_members("adam", "cross_entropy", activation=activation), digits)
+
+
+@pytest.mark.parametrize(
+    ("activation", "loss", "task", "loss_params"),
+    [(a, "cross_entropy", "classification", {}) for a in sorted(ACTIVATIONS)]
+    + [
+        ("relu", "cross_entropy", "classification", {"label_smoothing": 0.1}),
+        ("relu", "nll", "classification", {}),
+        ("tanh", "mse", "classification", {}),
+        ("gelu", "huber", "classification", {"delta": 0.05}),
+        ("silu", "l1", "classification", {}),
+        ("elu", "smooth_l1", "classification", {"beta": 0.05}),
+        ("leaky_relu", "bce", "classification", {}),
+        ("relu", "mse", "regression", {}),
+        ("tanh", "huber", "regression", {"delta": 0.5}),
+        ("gelu", "l1", "regression", {}),
+        ("silu", "smooth_l1", "regression", {"beta": 0.5}),
+    ],
+)
+def test_fused_gradients_are_autograds(
+    activation: str, loss: str, task: str, loss_params: dict[str, float]
+) -> None:
+    """One step's gradients of the written-out backward pass, member by member, against
+    autograd through the member's own model and the sequential path's loss (with L1)."""
+    from automl.packing import (
+        FUSED_CLASSIFICATION_LOSSES,
+        FUSED_REGRESSION_LOSSES,
+        FusedMLP,
+    )
+    from automl.training import loss_function
+
+    torch.manual_seed(0)
+    k, b, n_features = 3, 16, 12
+    n_outputs = 5 if task == "classification" else 1
+    configs = [
+        TrialConfig(
+            n_layers=2, hidden_units=w, activation=activation, loss=loss, seed=s, l1=1e-3 * s
+        )
+        for w, s in ((7, 1), (16, 2), (11, 3))
+    ]
+    model = FusedMLP(configs, (n_features,), n_outputs, torch.device("cpu"))
+    x = torch.randn(k, b, n_features)
+    y = torch.randint(0, n_outputs, (k, b)) if task == "classification" else torch.randn(k, b)
+    table = FUSED_CLASSIFICATION_LOSSES if task == "classification" else FUSED_REGRESSION_LOSSES
+    out, saved = model.forward_train(x, [])
+    losses, grad_out = table[loss](out, y, loss_params)
+    l1 = torch.tensor([c.l1 for c in configs])
+    model.backward(saved, grad_out, l1)
+    for m, config in enumerate(configs):
+        alone = build_model(config, (n_features,), n_outputs)
+        alone.load_state_dict(model.member_state(m))
+        value = loss_function(loss, task)(alone(x[m]), y[m], loss_params)
+        assert float(losses[m]) == pytest.approx(value.item(), rel=1e-5)
+        penalty = sum(p.abs().sum() for name, p in alone.named_parameters() if "weight" in name)
+        (value + config.l1 * penalty).backward()
+        grads = {name: p.grad for name, p in alone.named_parameters()}
+        state = model.row_state(model.flat_grad[m], model.keys[m], config.hidden_units)
+        for name, grad in grads.items():
+            assert grad is not None
+            torch.testing.assert_close(state[name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_fused_label_smoothing_matches_alone(digits: DeviceData) -> None:
