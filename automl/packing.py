@@ -556,8 +556,42 @@ def _sqrt(t: torch.Tensor) -> torch.Tensor:
     return t.clamp_min(SQRT_FLOOR).sqrt_()
 
 
+# A per-member coefficient: a (K, 1) tensor, or a Python float where every member has
+# the same value (then torch's own scalar forms apply: fewer operations, and the very
+# arithmetic of the sequential path).
+Coefficient = torch.Tensor | float
+
+
+def _axpy_(t: torch.Tensor, x: torch.Tensor, c: Coefficient) -> torch.Tensor:
+    """t += x * c, in place."""
+    return t.add_(x, alpha=c) if isinstance(c, float) else t.addcmul_(x, c)
+
+
+def _plus(t: torch.Tensor, x: torch.Tensor, c: Coefficient) -> torch.Tensor:
+    """t + x * c, a new tensor."""
+    return t.add(x, alpha=c) if isinstance(c, float) else t.addcmul(x, c)
+
+
+def _addcmul_(t: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: Coefficient) -> torch.Tensor:
+    """t += a * b * c, in place."""
+    return t.addcmul_(a, b, value=c) if isinstance(c, float) else t.addcmul_(a, b * c)
+
+
+def _addcdiv_(t: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: Coefficient) -> torch.Tensor:
+    """t += a / b * c, in place."""
+    return t.addcdiv_(a, b, value=c) if isinstance(c, float) else t.addcdiv_(a * c, b)
+
+
+def _column(c: Coefficient, like: torch.Tensor) -> torch.Tensor:
+    """``c`` as a (K, 1) tensor beside ``like`` (K, P)."""
+    if isinstance(c, float):
+        return torch.full((like.shape[0], 1), c, dtype=like.dtype, device=like.device)
+    return c
+
+
 class FusedOptimizer:
-    """One optimizer over stacked parameters whose hyperparameters are per-member tensors.
+    """One optimizer over stacked parameters whose hyperparameters are per-member
+    coefficients (see Coefficient).
 
     The update formulas are torch's single-tensor ones (and training.AdaBound's), so a
     member follows the path it would follow alone up to float rounding."""
@@ -574,7 +608,7 @@ class FusedOptimizer:
         self.device = params[0].device
         self.dtype = params[0].dtype
         self.ahead = 1  # steps whose coefficients are computed in one go (see plan)
-        self._block: list[dict[str, torch.Tensor]] = []
+        self._block: list[dict[str, Coefficient]] = []
         self._block_start = 0
         self.kernel = self._kernel_settings()
         self._kernel_step = torch.zeros((), device=self.device)
@@ -631,24 +665,31 @@ class FusedOptimizer:
         update = getattr(self, f"_{self.name}")
         for p, g, state in zip(params, grads, self.state, strict=True):
             if decay is not None:
-                g = g + decay * p
+                g = _plus(g, p, decay)
             update(p, g, state, coeffs)
 
-    def _coefficient_block(self, t: int, steps: int) -> list[dict[str, torch.Tensor]]:
-        """The per-member scalars of steps ``t .. t+steps-1`` as (K, 1) tensors, computed
-        in double precision like torch's Python floats and moved to the device in one
-        transfer."""
+    def _coefficient_block(self, t: int, steps: int) -> list[dict[str, Coefficient]]:
+        """The per-member scalars of steps ``t .. t+steps-1``, computed in double
+        precision like torch's Python floats: a float where the members agree, else
+        (K, 1) tensors, all of them moved to the device in one transfer."""
         per_step = [self._coefficients(t + i) for i in range(steps)]
         names = list(per_step[0])
-        block = torch.tensor([list(c.values()) for c in per_step], dtype=torch.float64)
-        block = block.to(self.dtype).to(self.device).view(steps, len(names), -1, 1)
-        return [dict(zip(names, row, strict=True)) for row in block]
+        varying = [n for n in names if any(len(set(c[n])) > 1 for c in per_step)]
+        rows: list[dict[str, Coefficient]] = [
+            {n: float(c[n][0]) for n in names if n not in varying} for c in per_step
+        ]
+        if varying:
+            values = [[c[n] for n in varying] for c in per_step]
+            block = torch.tensor(values, dtype=torch.float64).to(self.dtype).to(self.device)
+            for row, tensors in zip(rows, block.view(steps, len(varying), -1, 1), strict=True):
+                row.update(zip(varying, tensors, strict=True))
+        return rows
 
     def _coefficients(self, t: int) -> dict[str, list[float]]:
         """The per-member scalars of step ``t`` (1-based), one list each."""
         lr = self.lrs
         h = self.hyper
-        c: dict[str, list[float]] = {"lr": lr}
+        c: dict[str, list[float]] = {"lr": lr, "-lr": [-x for x in lr]}
         wd = self._get("weight_decay")
         if any(wd):
             c["wd"] = wd
@@ -690,7 +731,7 @@ class FusedOptimizer:
             c["eps"] = self._get("eps")
             c["m"] = self._get("momentum")
         elif self.name == "adagrad":
-            c["clr"] = [lr_ / (1 + (t - 1) * x["lr_decay"]) for lr_, x in zip(lr, h, strict=True)]
+            c["-clr"] = [-lr_ / (1 + (t - 1) * x["lr_decay"]) for lr_, x in zip(lr, h, strict=True)]
             c["eps"] = self._get("eps")
         elif self.name == "adadelta":
             rho = self._get("rho")
@@ -703,7 +744,7 @@ class FusedOptimizer:
         p: torch.Tensor,
         g: torch.Tensor,
         s: dict[str, torch.Tensor],
-        c: dict[str, torch.Tensor],
+        c: dict[str, Coefficient],
     ) -> None:
         if not s:
             s["m"], s["v"] = torch.zeros_like(p), torch.zeros_like(p)
@@ -734,19 +775,19 @@ class FusedOptimizer:
                 amsgrad=False,
                 maximize=False,
             )
-            p.addcmul_(direction, c["lr"])
+            _axpy_(p, direction, c["lr"])
             return
         m.lerp_(g, c["1-b1"])
-        v.mul_(c["b2"]).addcmul_(g, g * c["1-b2"])
+        _addcmul_(v.mul_(c["b2"]), g, g, c["1-b2"])
         denom = (_sqrt(v) / c["bc2_sqrt"]).add_(c["eps"])
-        p.addcdiv_(m * c["-step_size"], denom)
+        _addcdiv_(p, m, denom, c["-step_size"])
 
     def _adamw(
         self,
         p: torch.Tensor,
         g: torch.Tensor,
         s: dict[str, torch.Tensor],
-        c: dict[str, torch.Tensor],
+        c: dict[str, Coefficient],
     ) -> None:
         p.mul_(c["decay"])
         self._adam(p, g, s, c)
@@ -756,14 +797,19 @@ class FusedOptimizer:
         p: torch.Tensor,
         g: torch.Tensor,
         s: dict[str, torch.Tensor],
-        c: dict[str, torch.Tensor],
+        c: dict[str, Coefficient],
     ) -> None:
         if not s:
             s["m"], s["v"] = torch.zeros_like(p), torch.zeros_like(p)
         m, v = s["m"], s["v"]
-        m.mul_(c["b1"]).add_(g * c["1-b1"])
-        v.mul_(c["b2"]).addcmul_(g, g * c["1-b2"])
-        step = (c["step_size"] / (_sqrt(v) + c["eps"])).clamp_(c["lower"], c["upper"])
+        _axpy_(m.mul_(c["b1"]), g, c["1-b1"])
+        _addcmul_(v.mul_(c["b2"]), g, g, c["1-b2"])
+        step = c["step_size"] / (_sqrt(v) + c["eps"])
+        lower, upper = c["lower"], c["upper"]
+        if isinstance(lower, float) and isinstance(upper, float):
+            step.clamp_(lower, upper)
+        else:  # a float bound as a column, so that both bounds are tensors
+            step.clamp_(_column(lower, step), _column(upper, step))
         p.add_(-step * m)
 
     def _sgd(
@@ -771,61 +817,71 @@ class FusedOptimizer:
         p: torch.Tensor,
         g: torch.Tensor,
         s: dict[str, torch.Tensor],
-        c: dict[str, torch.Tensor],
+        c: dict[str, Coefficient],
     ) -> None:
+        has_m, nesterov = c["has_m"], c["nesterov"]
+        if isinstance(has_m, float) and not has_m:  # plain SGD for every member
+            _axpy_(p, g, c["-lr"])
+            return
         if "buf" not in s:
             s["buf"] = g.clone()
         else:
-            s["buf"].mul_(c["m"]).add_(g * c["1-d"])
+            _axpy_(s["buf"].mul_(c["m"]), g, c["1-d"])
         buf = s["buf"]
-        nesterov = g + c["m"] * buf
-        direction = torch.where(c["nesterov"] > 0, nesterov, buf)
-        direction = torch.where(c["has_m"] > 0, direction, g)
-        p.sub_(c["lr"] * direction)
+        if isinstance(nesterov, float):
+            direction = _plus(g, buf, c["m"]) if nesterov else buf
+        else:
+            direction = torch.where(nesterov > 0, _plus(g, buf, c["m"]), buf)
+        if not isinstance(has_m, float):  # some members without momentum: plain SGD
+            direction = torch.where(has_m > 0, direction, g)
+        _axpy_(p, direction, c["-lr"])
 
     def _rmsprop(
         self,
         p: torch.Tensor,
         g: torch.Tensor,
         s: dict[str, torch.Tensor],
-        c: dict[str, torch.Tensor],
+        c: dict[str, Coefficient],
     ) -> None:
         if not s:
             s["sq"], s["buf"] = torch.zeros_like(p), torch.zeros_like(p)
         sq, buf = s["sq"], s["buf"]
-        sq.mul_(c["a"]).addcmul_(g, g * c["1-a"])
+        _addcmul_(sq.mul_(c["a"]), g, g, c["1-a"])
         avg = _sqrt(sq).add_(c["eps"])
-        buf.mul_(c["m"]).add_(g / avg)
-        p.sub_(c["lr"] * buf)
+        if isinstance(c["m"], float) and not c["m"]:  # no member has momentum
+            _axpy_(p, g.div(avg), c["-lr"])
+            return
+        buf.mul_(c["m"]).addcdiv_(g, avg)
+        _axpy_(p, buf, c["-lr"])
 
     def _adagrad(
         self,
         p: torch.Tensor,
         g: torch.Tensor,
         s: dict[str, torch.Tensor],
-        c: dict[str, torch.Tensor],
+        c: dict[str, Coefficient],
     ) -> None:
         if not s:
             s["sum"] = torch.zeros_like(p)
         s["sum"].addcmul_(g, g)
         std = _sqrt(s["sum"]).add_(c["eps"])
-        p.sub_(c["clr"] * (g / std))
+        _addcdiv_(p, g, std, c["-clr"])
 
     def _adadelta(
         self,
         p: torch.Tensor,
         g: torch.Tensor,
         s: dict[str, torch.Tensor],
-        c: dict[str, torch.Tensor],
+        c: dict[str, Coefficient],
     ) -> None:
         if not s:
             s["sq"], s["acc"] = torch.zeros_like(p), torch.zeros_like(p)
         sq, acc = s["sq"], s["acc"]
-        sq.mul_(c["rho"]).addcmul_(g, g * c["1-rho"])
+        _addcmul_(sq.mul_(c["rho"]), g, g, c["1-rho"])
         std = sq.add(c["eps"]).sqrt_()
         delta = acc.add(c["eps"]).sqrt_().div_(std).mul_(g)
-        acc.mul_(c["rho"]).addcmul_(delta, delta * c["1-rho"])
-        p.sub_(c["lr"] * delta)
+        _addcmul_(acc.mul_(c["rho"]), delta, delta, c["1-rho"])
+        _axpy_(p, delta, c["-lr"])
 
 
 class MixedOptimizer:

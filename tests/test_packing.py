@@ -188,6 +188,39 @@ def test_members_with_their_own_betas_match_alone(optimizer: str, digits: Device
     _assert_same_curves(own, digits)
 
 
+# Per optimizer, three members' own settings: where members differ, their coefficients
+# are per-member tensors; where they agree, Python floats (FusedOptimizer.Coefficient).
+OWN_SETTINGS: dict[str, list[dict[str, Any]]] = {
+    "sgd": [
+        {"lr": 0.05, "momentum": 0.9, "nesterov": True},
+        {"lr": 0.02},
+        {"lr": 0.03, "momentum": 0.5, "dampening": 0.1, "weight_decay": 1e-3},
+    ],
+    "rmsprop": [
+        {"lr": 1e-3, "momentum": 0.5},
+        {"lr": 2e-3, "alpha": 0.9},
+        {"lr": 5e-4, "eps": 1e-6, "weight_decay": 1e-4},
+    ],
+    "adagrad": [{"lr": 2e-2, "lr_decay": 0.01}, {"lr": 1e-2}, {"lr": 3e-2, "eps": 1e-8}],
+    "adadelta": [{"lr": 1.0, "rho": 0.85}, {"lr": 0.5}, {"lr": 1.0, "eps": 1e-5}],
+    "adabound": [{"lr": 1e-3, "final_lr": 0.05}, {"lr": 2e-3}, {"lr": 1e-3, "gamma": 1e-2}],
+    "adamw": [{"lr": 2e-3, "weight_decay": 0.1}, {"lr": 1e-3}, {"lr": 1e-3, "eps": 1e-6}],
+}
+
+
+@pytest.mark.parametrize("optimizer", sorted(OWN_SETTINGS))
+def test_members_with_their_own_optimizer_settings_match_alone(
+    optimizer: str, digits: DeviceData
+) -> None:
+    configs = [
+        TrialConfig.from_dict({**c.to_dict(), "optimizer_params": params})
+        for c, params in zip(
+            _members(optimizer, "cross_entropy"), OWN_SETTINGS[optimizer], strict=True
+        )
+    ]
+    _assert_same_curves(configs, digits)
+
+
 def test_square_roots_of_zero_and_denormal_moments_are_floored_not_changed() -> None:
     from automl.packing import SQRT_FLOOR, _sqrt
 
