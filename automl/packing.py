@@ -38,7 +38,6 @@ from automl.models import (
     ACTIVATIONS,
     build_model,
     count_parameters,
-    dropout_mask,
     keep_threshold,
     random_bits,
 )
@@ -1229,8 +1228,8 @@ class _EpochMasks:
 
     def _draw(self, steps: int, b: int, *, stepwise: bool) -> torch.Tensor:
         """Masks of ``steps`` batches of ``b`` rows, (steps, n_layers, K, b, width): padded
-        units zero; with ``stepwise`` the members in ``self.stepwise`` are left to the
-        caller (ones)."""
+        units zero; with ``stepwise`` the units of the members in ``self.stepwise`` are
+        left to the caller (who draws them step by step)."""
         model = self.model
         weight = model.flat
         width = model.width
@@ -1243,12 +1242,14 @@ class _EpochMasks:
         size = math.prod(shape)
         if model.mask_buffer is None or model.mask_buffer.numel() < size:
             model.mask_buffer = torch.empty(size, device=weight.device, dtype=weight.dtype)
-        block = model.mask_buffer[:size].view(shape).fill_(1.0)
-        for m, p in enumerate(self.dropouts):
+        block = model.mask_buffer[:size].view(shape)
+        for m, p in enumerate(self.dropouts):  # every value of the block written once
             w = model.widths[m]
             if w < width:
                 block[:, :, m, :, w:] = 0.0
-            if p > 0 and not (stepwise and m in self.stepwise):
+            if p <= 0:
+                block[:, :, m, :, :w] = 1.0
+            elif not (stepwise and m in self.stepwise):
                 self._fill(block[:, :, m], m, steps, b)
         return block
 
@@ -1257,18 +1258,17 @@ class _EpochMasks:
         ``out[..., :w]`` (shaped (steps, n_layers, b, width)): one draw, the same stream
         as ``steps`` draws of one step each, layer after layer."""
         model, p = self.model, self.dropouts[m]
-        weight = model.flat
         w = model.widths[m]
         count = b * w
         words = (count + 3) // 4
-        draw = dropout_mask(
+        # models.dropout_mask's draw and values, written straight into ``out``.
+        bits = random_bits(
             (steps, model.n_layers, words * 4),
-            p,
-            device=weight.device,
-            dtype=weight.dtype,
+            device=model.flat.device,
             generator=model.generators[m],
         )
-        out[..., :w] = draw[..., :count].reshape(steps, model.n_layers, b, w)
+        keep = (bits < keep_threshold(p))[..., :count].reshape(steps, model.n_layers, b, w)
+        torch.mul(keep, 1 / (1 - p), out=out[..., :w])
 
 
 @torch.no_grad()
