@@ -48,6 +48,7 @@ from automl.training import (
     compute_metrics_stacked,
     objective_value,
     scheduled_lr,
+    seed_torch,
 )
 
 if TYPE_CHECKING:
@@ -230,7 +231,7 @@ class FusedMLP:
         self.n_params: list[int] = []
         for m, config in enumerate(configs):
             # Exactly the sequential path's initialisation (training.train): seed, build.
-            torch.manual_seed(config.seed)
+            seed_torch(config.seed)  # the model is built on the CPU
             model = build_model(config, input_shape, n_outputs)
             self.generators.append(_member_generator(config.seed, device))
             self.n_params.append(count_parameters(model))
