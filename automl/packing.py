@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import optuna
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -52,8 +53,6 @@ from automl.training import (
 )
 
 if TYPE_CHECKING:
-    import optuna
-
     from automl.data import DeviceData
     from automl.training import EpochHook
 
@@ -1389,11 +1388,15 @@ STRUCTURE = ("n_layers", "batch_size", "loss", "activation", "epochs")
 
 def _ask_pack(run: Any, k: int, trials: list[optuna.Trial]) -> None:
     """Ask ``k`` trials (into ``trials``) that can be fused: the sampler chooses the first
-    trial freely; the other k-1 are enqueued with its structure (depth, batch size, loss,
-    activation; see STRUCTURE) and the sampler chooses the rest of each (widths,
-    optimizer, learning rate, dropout, ...). Across packs the structure is searched like
-    any parameter. A first trial that cannot be fused (a CNN, batch norm, ...) gets k-1
-    free companions."""
+    trial freely; the other k-1 share its structure (depth, batch size, loss, activation;
+    see STRUCTURE) and the sampler chooses the rest of each (widths, optimizer, learning
+    rate, dropout, ...). Across packs the structure is searched like any parameter. A
+    first trial that cannot be fused (a CNN, batch norm, ...) gets k-1 free companions.
+
+    The companions' structure is fixed by the sampler while their parameters are drawn
+    (_StructureSampler), not by enqueuing them: an enqueued trial is a database write,
+    and popping it a fresh read of all the study's trials (25 ms a trial at 64 trials,
+    growing with the study), and another worker could pop it first."""
     study = run.study
     first = study.ask()
     trials.append(first)
@@ -1410,9 +1413,64 @@ def _ask_pack(run: Any, k: int, trials: list[optuna.Trial]) -> None:
         for name, value in first.params.items()
         if name in STRUCTURE or name.startswith(loss_prefix)
     }
-    for _ in range(k - 1):
-        study.enqueue_trial(fixed, skip_if_exists=False)
-        trials.append(study.ask())
+    sampler = study.sampler
+    study.sampler = _StructureSampler(fixed, sampler)
+    try:
+        for _ in range(k - 1):
+            trial = study.ask()
+            trials.append(trial)
+            run.objective.config_for(trial, _original(trial))  # its parameters, drawn now
+    finally:
+        study.sampler = sampler
+
+
+class _StructureSampler(optuna.samplers.BaseSampler):
+    """``base``, with the parameters in ``fixed`` set to their values (as Optuna's
+    experimental PartialFixedSampler)."""
+
+    def __init__(self, fixed: dict[str, Any], base: optuna.samplers.BaseSampler) -> None:
+        self.fixed = fixed
+        self.base = base
+
+    def reseed_rng(self) -> None:
+        self.base.reseed_rng()
+
+    def infer_relative_search_space(
+        self, study: optuna.Study, trial: optuna.trial.FrozenTrial
+    ) -> dict[str, optuna.distributions.BaseDistribution]:
+        space = self.base.infer_relative_search_space(study, trial)
+        return {name: d for name, d in space.items() if name not in self.fixed}
+
+    def sample_relative(
+        self,
+        study: optuna.Study,
+        trial: optuna.trial.FrozenTrial,
+        search_space: dict[str, optuna.distributions.BaseDistribution],
+    ) -> dict[str, Any]:
+        return self.base.sample_relative(study, trial, search_space)
+
+    def sample_independent(
+        self,
+        study: optuna.Study,
+        trial: optuna.trial.FrozenTrial,
+        param_name: str,
+        param_distribution: optuna.distributions.BaseDistribution,
+    ) -> Any:
+        if param_name in self.fixed:
+            return self.fixed[param_name]
+        return self.base.sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.base.before_trial(study, trial)
+
+    def after_trial(
+        self,
+        study: optuna.Study,
+        trial: optuna.trial.FrozenTrial,
+        state: optuna.trial.TrialState,
+        values: Sequence[float] | None,
+    ) -> None:
+        self.base.after_trial(study, trial, state, values)
 
 
 def _original(trial: optuna.Trial) -> int:

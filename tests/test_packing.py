@@ -383,6 +383,10 @@ def test_run_pack_records_trials_like_the_sequential_path(tiny_space: Path, tmp_
     for number in (1, 2, 3):
         for name in ("n_layers", "batch_size", "loss"):
             assert by_number[number].params[name] == by_number[0].params[name]
+        # Drawn with the structure fixed, not enqueued (a waiting trial another worker
+        # could take, and a re-read of the study for each).
+        assert "fixed_params" not in by_number[number].system_attrs
+    assert len({by_number[n].params["hidden_units"] for n in range(4)}) > 1
     # The best trial keeps its weights (a beaten best gave its file up).
     best = max(t.value for t in packed)
     kept = [t for t in packed if Path(t.user_attrs.get("weights_path", "-")).is_file()]
