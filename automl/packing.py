@@ -8,12 +8,18 @@ axis and trains them as one model (batched matmuls, HFTA, MLSys 2021):
   them, from the trial's seed), its own batch order (its own permutation generator) and
   its own dropout/noise draws (its own generator, in the sequential path's order), so a
   member's loss curve matches the same configuration trained alone up to float rounding;
-- hidden widths differ: narrower members are zero-padded to the widest; a padded unit has
-  zero weights in and out, so its output and all its gradients stay exactly zero;
-- per-member losses are summed, so each member's gradients are its own; the optimizers
-  are written as tensor ops over the stacked parameters with per-member hyperparameters
-  as tensors (SGD, Adam, AdamW, RMSprop, Adagrad, Adadelta, AdaBound), members with
-  different optimizers each updated by their own;
+- hidden widths differ: narrower members are zero-padded to the widest (rounded up to
+  whole AVX lanes); a padded unit has zero weights in and out, so its output and all its
+  gradients stay exactly zero;
+- all parameters of all members live in one (K, P) tensor, one row a member; the
+  backward pass is written out with the kernels autograd calls for each layer,
+  activation and loss (tested against autograd), so a step costs no autograd
+  bookkeeping; each member's gradients are its own;
+- the optimizers are written as tensor ops over that tensor with per-member
+  hyperparameters as (K, 1) tensors where members differ and Python floats where they
+  agree (SGD, Adam, AdamW, RMSprop, Adagrad, Adadelta, AdaBound); on a CPU, Adam and
+  AdamW run torch's fused kernel for the whole group; members with different optimizers
+  are each updated by their own;
 - members are reported, pruned, early-stopped or diverge on their own; a member that ends
   is dropped from the stacks at the end of the epoch.
 
@@ -134,16 +140,16 @@ def padded_width(width: int) -> int:
 
 
 # Per training step on one CPU thread, in milliseconds (digits, batch 64, 2 layers, Adam,
-# dropout; widths 8..128 and groups of 2..32, fitted on the 2-core build machine): a fused
-# group costs a fixed GROUP_MS plus, per member, MEMBER_MS and MS_PER_MFLOP times its
-# forward-and-backward work at the group's padded width; a model trained alone costs
-# ALONE_MS plus ALONE_MS_PER_MFLOP times the same work at its own width. Only the ratios
-# matter.
-GROUP_MS = 0.59
-MEMBER_MS = 0.052
-MS_PER_MFLOP = 0.0355
-ALONE_MS = 0.89
-ALONE_MS_PER_MFLOP = 0.011
+# dropout; widths 8..128 and groups of 2..32, fitted on the 2-core build machine, whose
+# speed wanders by a third from one minute to the next): a fused group costs a fixed
+# GROUP_MS plus, per member, MEMBER_MS and MS_PER_MFLOP times its forward-and-backward
+# work at the group's padded width; a model trained alone costs ALONE_MS plus
+# ALONE_MS_PER_MFLOP times the same work at its own width. Only the ratios matter.
+GROUP_MS = 0.43
+MEMBER_MS = 0.04
+MS_PER_MFLOP = 0.028
+ALONE_MS = 0.66
+ALONE_MS_PER_MFLOP = 0.022
 
 
 def split_by_width(
