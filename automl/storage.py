@@ -187,9 +187,11 @@ def _install_quick_schema_check() -> None:
     """Optuna checks a database's schema version through Alembic on every open: 0.3 s of
     imports (Alembic, Mako) and a parse of its migration scripts, a tenth of a short run.
     The check is kept, done quicker: the stored version is read with one query and the
-    newest one known from the scripts' ``revision``/``down_revision`` lines. Anything
-    else (a new database to stamp, an older schema, an unreadable table, scripts that do
-    not parse) goes through Optuna's own Alembic path, unchanged."""
+    newest one known from the scripts' ``revision``/``down_revision`` lines. A database
+    Optuna has just created is stamped with that head the way Alembic stamps it (its
+    ``alembic_version`` table, one row). Anything else (an older schema, an unreadable
+    table, scripts that do not parse, a stamp that fails) goes through Optuna's own
+    Alembic path, unchanged."""
     from optuna.storages._rdb import storage as rdb
 
     base = rdb._VersionManager
@@ -201,8 +203,28 @@ def _install_quick_schema_check() -> None:
         quick = True
 
         def _init_alembic(self) -> None:
-            if self._stamped() is None:  # a new database: Alembic stamps it
+            if self._stamped() is None and not self._stamp_new():
                 super()._init_alembic()
+
+        def _stamp_new(self) -> bool:
+            """Stamp a database of the current schema with the head revision, as
+            ``alembic stamp`` does; False where Alembic should do it."""
+            from sqlalchemy import text
+
+            if head is None or not self._is_alembic_supported():
+                return False
+            try:
+                with self.engine.begin() as connection:
+                    connection.execute(text(ALEMBIC_VERSION_TABLE))
+                    count = connection.execute(text("SELECT COUNT(*) FROM alembic_version"))
+                    if count.scalar() == 0:
+                        connection.execute(
+                            text("INSERT INTO alembic_version (version_num) VALUES (:v)"),
+                            {"v": head},
+                        )
+            except Exception:  # e.g. another process stamped it first: read what is there
+                log.debug("quick stamp failed; reading the stamp", exc_info=True)
+            return self._stamped() == head
 
         def get_current_version(self) -> str:
             return self._stamped() or super().get_current_version()
@@ -223,6 +245,13 @@ def _install_quick_schema_check() -> None:
             return str(rows[0][0]) if len(rows) == 1 else None
 
     rdb._VersionManager = QuickVersionManager  # type: ignore[misc]
+
+
+# Alembic's own version table (alembic.runtime.migration), created as it creates it.
+ALEMBIC_VERSION_TABLE = (
+    "CREATE TABLE IF NOT EXISTS alembic_version (version_num VARCHAR(32) NOT NULL, "
+    "CONSTRAINT alembic_version_pkc PRIMARY KEY (version_num))"
+)
 
 
 def _alembic_head(folder: Path) -> str | None:
