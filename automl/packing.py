@@ -1397,7 +1397,9 @@ def _ask_pack(run: Any, k: int, trials: list[optuna.Trial]) -> None:
     trial freely; the other k-1 share its structure (depth, batch size, loss, activation;
     see STRUCTURE) and the sampler chooses the rest of each (widths, optimizer, learning
     rate, dropout, ...). Across packs the structure is searched like any parameter. A
-    first trial that cannot be fused (a CNN, batch norm, ...) gets k-1 free companions.
+    first trial that cannot be fused (a CNN, batch norm, ...) gets k-1 free companions,
+    and so does every trial of a grid search: each trial is its own point of the grid
+    (those that share a structure still fuse).
 
     The companions' structure is fixed by the sampler while their parameters are drawn
     (_StructureSampler), not by enqueuing them: an enqueued trial is a database write,
@@ -1409,7 +1411,7 @@ def _ask_pack(run: Any, k: int, trials: list[optuna.Trial]) -> None:
     if k == 1:
         return
     config = run.objective.config_for(first, _original(first))
-    if group_key(config) is None:
+    if group_key(config) is None or isinstance(study.sampler, optuna.samplers.GridSampler):
         for _ in range(k - 1):
             trials.append(study.ask())
         return
@@ -1431,8 +1433,9 @@ def _ask_pack(run: Any, k: int, trials: list[optuna.Trial]) -> None:
 
 
 class _StructureSampler(optuna.samplers.BaseSampler):
-    """``base``, with the parameters in ``fixed`` set to their values (as Optuna's
-    experimental PartialFixedSampler)."""
+    """``base``, with the parameters in ``fixed`` set to their values, as an enqueued
+    trial's are: the base sampler samples its relative search space whole (CMA-ES and
+    GP keep one space across trials) and the fixed values replace what it chose."""
 
     def __init__(self, fixed: dict[str, Any], base: optuna.samplers.BaseSampler) -> None:
         self.fixed = fixed
@@ -1444,8 +1447,7 @@ class _StructureSampler(optuna.samplers.BaseSampler):
     def infer_relative_search_space(
         self, study: optuna.Study, trial: optuna.trial.FrozenTrial
     ) -> dict[str, optuna.distributions.BaseDistribution]:
-        space = self.base.infer_relative_search_space(study, trial)
-        return {name: d for name, d in space.items() if name not in self.fixed}
+        return self.base.infer_relative_search_space(study, trial)
 
     def sample_relative(
         self,
@@ -1453,7 +1455,8 @@ class _StructureSampler(optuna.samplers.BaseSampler):
         trial: optuna.trial.FrozenTrial,
         search_space: dict[str, optuna.distributions.BaseDistribution],
     ) -> dict[str, Any]:
-        return self.base.sample_relative(study, trial, search_space)
+        params = self.base.sample_relative(study, trial, search_space)
+        return {**params, **{n: v for n, v in self.fixed.items() if n in search_space}}
 
     def sample_independent(
         self,

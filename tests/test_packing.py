@@ -510,3 +510,28 @@ def test_group_streams_train_members_as_well_as_alone(
         assert member.metrics["val_accuracy"] == pytest.approx(
             alone.metrics["val_accuracy"], abs=0.03
         )
+
+
+def test_run_pack_with_a_grid_runs_every_point_once(tmp_path: Path) -> None:
+    """A grid search gives every trial its own point: a pack fixes no structure there
+    (enqueued companions made Optuna's GridSampler fail; fixed ones repeated points)."""
+    space = tmp_path / "grid.yaml"
+    space.write_text(
+        "name: gridpack\n"
+        "data: {dataset: iris, validation: 0.3}\n"
+        "model: mlp\n"
+        "train: {epochs: 2, patience: 0}\n"
+        "objective: val_accuracy\n"
+        "study: {sampler: grid, pruner: none, seed: 0}\n"
+        "space:\n"
+        "  optimizer: {adam: {lr: [0.001, 0.01]}}\n"
+        "  batch_size: [16, 32]\n"
+        "  hidden_units: [8, 16]\n"
+    )
+    url = f"sqlite:///{tmp_path / 'grid.db'}"
+    result = CliRunner().invoke(app, ["run", str(space), "--pack", "4", "--storage", url])
+    assert result.exit_code == 0, result.output
+    trials = _trials(url, "gridpack")
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 8
+    points = {json.dumps(t.params, sort_keys=True) for t in trials}
+    assert len(points) == 8
