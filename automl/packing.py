@@ -29,6 +29,7 @@ or that have no compatible partner are trained by the sequential path.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -50,6 +51,7 @@ from automl.models import (
 )
 from automl.spaces import TrialConfig
 from automl.training import (
+    FUSED_KERNELS,
     TrainResult,
     TrialDiverged,
     compute_metrics_stacked,
@@ -63,8 +65,6 @@ if TYPE_CHECKING:
     from automl.training import EpochHook
 
 log = logging.getLogger(__name__)
-
-_TORCH_VERSION = tuple(int(part) for part in torch.__version__.split(".")[:2])
 
 FUSED_OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad", "adadelta", "adabound")
 
@@ -228,10 +228,19 @@ class FusedMLP:
         n_features = math.prod(int(s) for s in input_shape)
         self.width = padded_width(max(c.hidden_units for c in configs))
         dims = [n_features] + [self.width] * self.n_layers + [n_outputs]
-        self.shapes = [(dims[i], dims[i + 1]) for i in range(len(dims) - 1)]  # (in, out)
-        self.n_weights = sum(i * o for i, o in self.shapes)
-        total = self.n_weights + sum(o for _, o in self.shapes)
-        self.flat = torch.zeros(len(configs), total)
+        # Per layer, where its weights and bias lie in a member's row: weights first, as
+        # (in, out) for hidden layers and (out, in) for the output layer.
+        weight_parts: list[tuple[slice, tuple[int, int]]] = []
+        start = 0
+        for layer, (inp, out) in enumerate(itertools.pairwise(dims)):
+            shape = (inp, out) if layer < self.n_layers else (out, inp)
+            weight_parts.append((slice(start, start + inp * out), shape))
+            start += inp * out
+        self.layout: list[tuple[slice, tuple[int, int], slice]] = []
+        for (columns, shape), out in zip(weight_parts, dims[1:], strict=True):
+            self.layout.append((columns, shape, slice(start, start + out)))
+            start += out
+        self.flat = torch.zeros(len(configs), start)
         self._make_views()
         self.generators: list[torch.Generator] = []
         self.keys: list[list[tuple[str, str]]] = []  # per member: (weight, bias) state keys
@@ -265,18 +274,11 @@ class FusedMLP:
         k = self.flat.shape[0]
         self.flat_grad = torch.zeros_like(self.flat)
         self.weights, self.biases, self.weight_grads, self.bias_grads = [], [], [], []
-        start = 0
-        for layer, (inp, out) in enumerate(self.shapes):
-            columns = slice(start, start + inp * out)
-            shape = (k, inp, out) if layer < self.n_layers else (k, out, inp)
-            self.weights.append(self.flat[:, columns].view(shape))
-            self.weight_grads.append(self.flat_grad[:, columns].view(shape))
-            start += inp * out
-        for _, out in self.shapes:
-            columns = slice(start, start + out)
-            self.biases.append(self.flat[:, columns].view(k, 1, out))
-            self.bias_grads.append(self.flat_grad[:, columns].view(k, 1, out))
-            start += out
+        for weight_columns, shape, bias_columns in self.layout:
+            self.weights.append(self.flat[:, weight_columns].view(k, *shape))
+            self.weight_grads.append(self.flat_grad[:, weight_columns].view(k, *shape))
+            self.biases.append(self.flat[:, bias_columns].view(k, 1, -1))
+            self.bias_grads.append(self.flat_grad[:, bias_columns].view(k, 1, -1))
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, masks: Sequence[torch.Tensor | None] = ()) -> torch.Tensor:
@@ -372,21 +374,15 @@ class FusedMLP:
         """A member's row of ``flat`` (now or saved earlier) as the state dict of its own
         ``build_model`` module; ``keys`` and ``width`` are that member's."""
         state: dict[str, torch.Tensor] = {}
-        start = 0
-        weights = []
-        for inp, out in self.shapes:
-            weights.append(row[start : start + inp * out].view(inp, out))
-            start += inp * out
-        for layer, (wkey, bkey) in enumerate(keys):
-            inp, out = self.shapes[layer]
-            cols = width if layer < self.n_layers else out
-            rows = inp if layer == 0 else width
-            if layer < self.n_layers:
-                state[wkey] = weights[layer][:rows, :cols].T.clone()
-            else:  # kept as (out, in)
-                state[wkey] = weights[layer].view(out, inp)[:cols, :rows].clone()
-            state[bkey] = row[start : start + cols].clone()
-            start += out
+        for layer, ((wkey, bkey), (weight_columns, shape, bias_columns)) in enumerate(
+            zip(keys, self.layout, strict=True)
+        ):
+            weight = row[weight_columns].view(shape)
+            linear = weight.T if layer < self.n_layers else weight  # nn.Linear's (out, in)
+            out = width if layer < self.n_layers else linear.shape[0]
+            inp = linear.shape[1] if layer == 0 else width
+            state[wkey] = linear[:out, :inp].clone()
+            state[bkey] = row[bias_columns][:out].clone()
         return state
 
 
@@ -643,17 +639,15 @@ class FusedOptimizer:
         self._block_start = 0
         self.kernel = self._kernel_settings()
         self._kernel_step = torch.zeros((), device=self.device)
-        self._scratch: dict[int, torch.Tensor] = {}
+        self._scratch: dict[torch.Size, torch.Tensor] = {}
 
     def _kernel_settings(self) -> dict[str, float] | None:
         """The shared settings under which torch's fused Adam kernel updates the group
         (``_adam``), or None: on a CPU, for Adam and AdamW members that share their betas
         and eps (the learning rate and weight decay may differ)."""
-        if (
-            self.name not in ("adam", "adamw")
-            or self.device.type != "cpu"
-            or _TORCH_VERSION < (2, 4)  # the first with a CPU kernel
-        ):
+        if self.device.type != "cpu" or "cpu" not in FUSED_KERNELS.get(self.name, set()):
+            return None
+        if self.name not in ("adam", "adamw"):
             return None
         shared = {(h["beta1"], h["beta2"], h["eps"]) for h in self.hyper}
         if len(shared) != 1:
@@ -786,9 +780,9 @@ class FusedOptimizer:
             # tensor, writes every member's direction in one pass over the group's
             # moments (the sequential path runs the same kernel); then each member's
             # rate scales its own. Three passes instead of ten, a third of the time.
-            direction = self._scratch.get(p.numel())
-            if direction is None or direction.shape != p.shape:
-                direction = self._scratch[p.numel()] = torch.empty_like(p)
+            direction = self._scratch.get(p.shape)
+            if direction is None:
+                direction = self._scratch[p.shape] = torch.empty_like(p)
             direction.zero_()
             step = self._kernel_step.fill_(self.step_count)
             torch._fused_adam_(
