@@ -33,7 +33,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -265,6 +265,8 @@ class FusedMLP:
             self.keys.append(names)
         self.widths = [c.hidden_units for c in configs]
         self.mask_buffer: torch.Tensor | None = None  # reused by _EpochMasks
+        self.gather_buffers: dict[str, torch.Tensor] = {}  # reused by _batches
+        self.eval_buffers: dict[int, torch.Tensor] = {}  # reused by forward
         # The group's generator where members do not keep their own streams (EXACT_STREAMS).
         self.group_generator = torch.Generator(device=device).manual_seed(first.seed)
         self.flat = self.flat.to(device)
@@ -281,19 +283,25 @@ class FusedMLP:
             self.bias_grads.append(self.flat_grad[:, bias_columns].view(k, 1, -1))
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor, masks: Sequence[torch.Tensor | None] = ()) -> torch.Tensor:
-        """``x`` is (K, B, F) (one batch per member) or (B, F) (shared); out (K, B, C)."""
-        h = x
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Evaluation: ``x`` is (K, B, F) (one batch per member) or (B, F) (shared by all);
+        the output turned round, (K, C, B), as ``training.compute_metrics_stacked(...,
+        turned=True)`` takes it."""
+        k = self.flat.shape[0]
+        h = x if x.dim() == 3 else x.expand(k, *x.shape)
         for layer in range(self.n_layers):
-            w, b = self.weights[layer], self.biases[layer]
-            h = torch.baddbmm(b, h, w) if h.dim() == 3 else torch.matmul(h, w) + b
-            h = self.activation(h)
-            mask = masks[layer] if layer < len(masks) else None
-            if mask is not None:
-                h = h * mask
-        if h.dim() == 2:
-            return torch.matmul(h, self.weights[-1].transpose(1, 2)) + self.biases[-1]
-        return self._output_turned(h).transpose(1, 2)
+            # Into buffers kept from one validation to the next, activated in place: the
+            # validation set's activations are megabytes, and a fresh block faults in
+            # every page on its first write (a tenth of a wide group's epoch).
+            shape = (k, h.shape[1], self.width)
+            size = math.prod(shape)
+            buffer = self.eval_buffers.get(layer)
+            if buffer is None or buffer.numel() < size:
+                buffer = self.eval_buffers[layer] = self.flat.new_empty(size)
+            out = buffer[:size].view(shape)
+            torch.baddbmm(self.biases[layer], h, self.weights[layer], out=out)
+            h = _activate_(self.activation_name, out)
+        return self._output_turned(h)
 
     def _output_turned(self, h: torch.Tensor) -> torch.Tensor:
         """The output layer on (K, B, W) inputs, as (K, C, B)."""
@@ -384,6 +392,22 @@ class FusedMLP:
             state[wkey] = linear[:out, :inp].clone()
             state[bkey] = row[bias_columns][:out].clone()
         return state
+
+
+def _activate_(name: str, t: torch.Tensor) -> torch.Tensor:
+    """``ACTIVATIONS[name]`` (torch's defaults) applied to ``t`` in place, where torch has
+    an in-place form of the same kernel."""
+    if name == "relu":
+        return t.relu_()
+    if name == "tanh":
+        return t.tanh_()
+    if name == "silu":
+        return F.silu(t, inplace=True)
+    if name == "leaky_relu":
+        return F.leaky_relu_(t)
+    if name == "elu":
+        return F.elu_(t)
+    return ACTIVATIONS[name]()(t)
 
 
 def _activation_backward(
@@ -1065,7 +1089,7 @@ def train_packed(
         )
         train_loss = _run_fused_epoch(model, optimizer, loss_fn, data, live, n, bs)
         measured = compute_metrics_stacked(
-            _validate(model, data), data.y_val, data.task, data.n_outputs, data.y_std
+            _validate(model, data), data.y_val, data.task, data.n_outputs, data.y_std, turned=True
         )
         ended: set[int] = set()
         improved: list[int] = []
@@ -1145,12 +1169,8 @@ def _run_fused_epoch(
     noise_scale = None
     if any(noises) and device.type not in EXACT_STREAMS:
         noise_scale = torch.tensor(noises, dtype=data.X_train.dtype).view(-1, 1, 1).to(device)
-    for step, start in enumerate(range(0, n, bs)):
-        idx = perms[:, start : start + bs]
-        b = idx.shape[1]
-        rows = idx.reshape(-1)  # index_select: a tenth of the time of X_train[idx]
-        x = data.X_train.index_select(0, rows).view(len(live), b, -1)
-        y = data.y_train.index_select(0, rows).view(len(live), b, *data.y_train.shape[1:])
+    for step, (x, y) in enumerate(_batches(data, perms, bs, model.gather_buffers)):
+        b = x.shape[1]
         if noise_scale is not None:
             x = x + noise_scale * torch.randn(
                 x.shape, generator=model.group_generator, device=device, dtype=x.dtype
@@ -1168,6 +1188,47 @@ def _run_fused_epoch(
         total += objective  # with the L1 term, as the sequential loss
         n_batches += 1
     return (total / max(n_batches, 1)).tolist()
+
+
+# The most bytes of gathered training rows held at once (see _batches).
+GATHER_BYTES = 16 * 2**20
+
+
+def _batches(
+    data: DeviceData, perms: torch.Tensor, bs: int, buffers: dict[str, torch.Tensor]
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Each member's batches of an epoch in the order of its permutation (``perms`` is
+    (K, n)), as (K, b, F) inputs and (K, b, ...) targets.
+
+    The rows of many steps are gathered in one ``index_select`` (a tenth of the time of
+    ``X_train[idx]``), at most GATHER_BYTES of them at once, into ``buffers`` kept from
+    one epoch to the next (a fresh block of megabytes faults in every page on its first
+    write), and each step takes a view: gathered a step at a time, the random reads of a
+    narrow group's rows cost it a tenth of its epoch (the batched products read the
+    strided views as fast as contiguous ones)."""
+    k, n = perms.shape
+    row_bytes = k * data.X_train[0].numel() * data.X_train.element_size()
+    span = max(bs, GATHER_BYTES // max(row_bytes, 1) // bs * bs)
+    for first in range(0, n, span):
+        rows = perms[:, first : first + span]
+        width = rows.shape[1]
+        flat = rows.reshape(-1)
+        xs = _gather(data.X_train, flat, buffers, "x").view(k, width, -1)
+        ys = _gather(data.y_train, flat, buffers, "y").view(k, width, *data.y_train.shape[1:])
+        for start in range(0, width, bs):
+            yield xs[:, start : start + bs], ys[:, start : start + bs]
+
+
+def _gather(
+    source: torch.Tensor, rows: torch.Tensor, buffers: dict[str, torch.Tensor], key: str
+) -> torch.Tensor:
+    """``source.index_select(0, rows)`` into ``buffers[key]``, grown when too small."""
+    shape = (rows.numel(), *source.shape[1:])
+    size = math.prod(shape)
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < size:
+        buffer = buffers[key] = torch.empty(size, dtype=source.dtype, device=source.device)
+    return torch.index_select(source, 0, rows, out=buffer[:size].view(shape))
 
 
 def _member_noise(model: FusedMLP, noises: Sequence[float], x: torch.Tensor) -> torch.Tensor:
@@ -1293,8 +1354,12 @@ class _EpochMasks:
             device=model.flat.device,
             generator=model.generators[m],
         )
-        keep = (bits < keep_threshold(p))[..., :count].reshape(steps, model.n_layers, b, w)
-        torch.mul(keep, 1 / (1 - p), out=out[..., :w])
+        # The comparison writes 0/1 floats straight into the block, then scaled in
+        # place: a third of the time of a boolean mask multiplied into it (which went
+        # through a temporary and a copy), a fifth of a wide group's epoch.
+        target = out[..., :w]
+        torch.lt(bits[..., :count].reshape(target.shape), keep_threshold(p), out=target)
+        target.mul_(1 / (1 - p))
 
 
 @torch.no_grad()

@@ -296,15 +296,28 @@ def compute_metrics(
 
 
 def compute_metrics_stacked(
-    out: torch.Tensor, y: torch.Tensor, task: str, n_outputs: int, y_std: float = 1.0
+    out: torch.Tensor,
+    y: torch.Tensor,
+    task: str,
+    n_outputs: int,
+    y_std: float = 1.0,
+    *,
+    turned: bool = False,
 ) -> list[dict[str, float]]:
-    """``compute_metrics`` of K models at once: ``out`` is (K, N, ...) for the same ``y``.
-    One read-back for all K (a fused group's epoch), not one per model."""
+    """``compute_metrics`` of K models at once: ``out`` is (K, N, C) for the same ``y``
+    (with ``turned``, (K, C, N), as a fused group computes it). One read-back for all K
+    (a fused group's epoch), not one per model.
+
+    Classes are reduced over the middle dimension of (K, C, N): with a handful of classes
+    a log-softmax and a max over the last dimension of (K, N, C) ran 5x slower (a fused
+    group's validation was a sixth of its epoch; BENCHMARKS.md)."""
     k, n = out.shape[0], y.shape[0]
     if task == "classification":
         c = n_outputs
-        ce = F.cross_entropy(out.reshape(k * n, -1), y.repeat(k), reduction="none")
-        pred = out.argmax(dim=2)
+        by_class = out if turned else out.transpose(1, 2)  # (K, C, N)
+        logp = by_class.log_softmax(dim=1)
+        ce = -logp.gather(1, y.view(1, 1, n).expand(k, 1, n)).squeeze(1)
+        pred = by_class.max(dim=1).indices  # the first of equal maxima, as argmax
         model = torch.arange(k, device=out.device).view(k, 1)
         flat = (model * (c * c) + y * c + pred).flatten()
         conf = torch.bincount(flat, minlength=k * c * c).view(k, c, c).double()
@@ -317,9 +330,7 @@ def compute_metrics_stacked(
         seen = both > 0
         f1 = torch.where(seen, 2 * tp / both.clamp(min=1), 0).sum(1) / seen.sum(1)
         accuracy = tp.sum(dim=1) / n
-        stats = torch.stack(
-            [ce.view(k, n).mean(dim=1).double(), accuracy, recall, f1], dim=1
-        ).tolist()
+        stats = torch.stack([ce.mean(dim=1).double(), accuracy, recall, f1], dim=1).tolist()
         return [
             {
                 "val_loss": row[0],

@@ -424,7 +424,8 @@ def test_sigint_during_a_pack_leaves_no_trial_running(tmp_path: Path) -> None:
 
     url = f"sqlite:///{tmp_path / 'int.db'}"
     cmd = [sys.executable, "-c", "from automl.cli import entry; entry()", "run"]
-    args = ["--dataset", "digits", "--epochs", "30", "--n-trials", "200", "--pack", "4"]
+    # Long enough that the signal lands while the first pack trains, however fast it is.
+    args = ["--dataset", "digits", "--epochs", "500", "--n-trials", "200", "--pack", "4"]
     proc = subprocess.Popen(
         [*cmd, *args, "--storage", url, "--device", "cpu", "--json"],
         cwd=tmp_path,
