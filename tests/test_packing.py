@@ -188,6 +188,40 @@ def test_members_with_their_own_betas_match_alone(optimizer: str, digits: Device
     _assert_same_curves(own, digits)
 
 
+def test_rmsprop_members_sharing_alpha_run_the_fused_kernel_and_match_alone(
+    digits: DeviceData,
+) -> None:
+    """RMSprop members that share alpha and eps are updated by torch's fused Adam kernel
+    (beta1 = 0, bias corrections of 1), with or without their own momentum; members whose
+    alpha differs, by the tensor formulas. Both follow the path alone."""
+    from automl.packing import FusedOptimizer
+
+    momenta = [0.0, 0.9, 0.5]
+    shared = [
+        TrialConfig.from_dict(
+            {**c.to_dict(), "optimizer_params": {**c.optimizer_params, "momentum": m}}
+        )
+        for c, m in zip(_members("rmsprop", "cross_entropy"), momenta, strict=True)
+    ]
+    flat = [torch.zeros(3, 4)]
+    alpha = shared[0].optimizer_params["alpha"]  # the test's settings: 0.95
+    assert FusedOptimizer("rmsprop", shared, flat).kernel == {
+        "beta1": 0.0,
+        "beta2": alpha,
+        "eps": 1e-8,
+    }
+    assert FusedOptimizer("rmsprop", shared[:1], flat).kernel is not None  # no momentum
+    own_alpha = [
+        TrialConfig.from_dict(
+            {**c.to_dict(), "optimizer_params": {**c.optimizer_params, "alpha": 0.9}}
+        )
+        for c in shared[:1]
+    ]
+    assert FusedOptimizer("rmsprop", shared[1:] + own_alpha, flat).kernel is None
+    _assert_same_curves(shared, digits)
+    _assert_same_curves(shared[:1] + shared[:1], digits)  # every member without momentum
+
+
 # Per optimizer, three members' own settings: where members differ, their coefficients
 # are per-member tensors; where they agree, Python floats (FusedOptimizer.Coefficient).
 OWN_SETTINGS: dict[str, list[dict[str, Any]]] = {
@@ -423,9 +457,16 @@ def test_sigint_during_a_pack_leaves_no_trial_running(tmp_path: Path) -> None:
     import time
 
     url = f"sqlite:///{tmp_path / 'int.db'}"
-    cmd = [sys.executable, "-c", "from automl.cli import entry; entry()", "run"]
-    # Long enough that the signal lands while the first pack trains, however fast it is.
-    args = ["--dataset", "digits", "--epochs", "500", "--n-trials", "200", "--pack", "4"]
+    # Packs long enough (500 epochs, no early stopping) that the signal lands while the
+    # first one trains, however fast training is.
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        "name: digits\ndata: {dataset: digits}\ntrain: {epochs: 500, patience: 0}\n"
+        "space:\n  optimizer: {adam: {lr: {low: 1.0e-4, high: 1.0e-2, log: true}}}\n"
+        "  hidden_units: {low: 8, high: 32}\n"
+    )
+    cmd = [sys.executable, "-c", "from automl.cli import entry; entry()", "run", str(space)]
+    args = ["--n-trials", "200", "--pack", "4"]
     proc = subprocess.Popen(
         [*cmd, *args, "--storage", url, "--device", "cpu", "--json"],
         cwd=tmp_path,
