@@ -117,19 +117,30 @@ def _scaled(data: np.ndarray) -> np.ndarray:
     return out
 
 
+def bundled_arrays(name: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """Features (float64, one column per FEATURES[name]) and target of a bundled dataset
+    read from scikit-learn's files, or None where they are missing or not as expected."""
+    folder = _data_folder()
+    if folder is None:
+        return None
+    try:
+        data, target = _arrays(name, folder)
+    except (OSError, ValueError):
+        return None
+    if data.ndim != 2 or data.shape[1] != len(FEATURES[name]) or len(target) != len(data):
+        return None
+    return data, target
+
+
 def load_bundled(name: str) -> tuple[pd.DataFrame, pd.Series]:
     """Features and target of a bundled dataset, as ``load_NAME(as_frame=True)``."""
     import pandas as pd
 
-    folder = _data_folder()
-    if folder is None:
+    arrays = bundled_arrays(name)
+    if arrays is None:  # files not as expected: scikit-learn's own loader
         return _from_sklearn(name)
-    try:
-        data, target = _arrays(name, folder)
-        frame = pd.DataFrame(data, columns=FEATURES[name], copy=False)
-    except (OSError, ValueError):  # files not as expected: scikit-learn's own loader
-        return _from_sklearn(name)
-    return frame, pd.Series(target, name="target")
+    data, target = arrays
+    return pd.DataFrame(data, columns=FEATURES[name], copy=False), pd.Series(target, name="target")
 
 
 def _from_sklearn(name: str) -> tuple[pd.DataFrame, pd.Series]:

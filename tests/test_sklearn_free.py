@@ -4,7 +4,9 @@ studies keep their splits and preprocessing; and a run no longer imports scikit-
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -17,6 +19,7 @@ from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
 from automl.bundled import load_bundled
 from automl.data import fit_numeric, fit_text, train_test_split
+from automl.errors import DataError
 from automl.spaces import BUNDLED_DATASETS
 
 
@@ -99,7 +102,46 @@ def test_text_statistics_equal_sklearns() -> None:
     assert categories == [[str(c) for c in cats] for cats in encoder.categories_]
 
 
-def test_a_run_on_a_bundled_dataset_does_not_import_sklearn(tmp_path: Path) -> None:
+BUNDLED_SPECS = [
+    {"validation": 0.2},
+    {"validation": 0.25, "test": 0.1},
+    {"validation": 0.3, "test": 0.2, "task": "regression"},
+    {"validation": 0.2, "test": 0.05, "task": "classification"},
+]
+
+
+@pytest.mark.parametrize("name", sorted(BUNDLED_DATASETS))
+@pytest.mark.parametrize("options", BUNDLED_SPECS)
+def test_bundled_arrays_load_exactly_as_their_frames(
+    name: str, options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bundled dataset read without pandas gives the very splits, features, targets and
+    preprocessing state that its frame gives (diabetes as classes, the others as a
+    regression target, included)."""
+    from automl import data
+    from automl.spaces import DataSpec
+
+    spec = DataSpec(dataset=name, **options)
+    for seed in (0, 7):
+        try:
+            arrays = data.load_dataset(spec, seed=seed)
+        except DataError as exc:  # then the frame path refuses it the same way
+            with monkeypatch.context() as m:
+                m.setattr(data, "_bundled_values", lambda spec: None)
+                with pytest.raises(DataError, match=re.escape(str(exc))):
+                    data.load_dataset(spec, seed=seed)
+            continue
+        with monkeypatch.context() as m:
+            m.setattr(data, "_bundled_values", lambda spec: None)
+            frame = data.load_dataset(spec, seed=seed)
+        assert (arrays.name, arrays.task) == (frame.name, frame.task)
+        assert arrays.preprocessor.to_state() == frame.preprocessor.to_state()
+        for split in ("X_train", "y_train", "X_val", "y_val", "X_test", "y_test"):
+            a, f = getattr(arrays, split), getattr(frame, split)
+            assert a.dtype == f.dtype and np.array_equal(a, f), split
+
+
+def test_a_run_on_a_bundled_dataset_imports_neither_sklearn_nor_pandas(tmp_path: Path) -> None:
     space = tmp_path / "s.yaml"
     space.write_text(
         "data: {dataset: wine, validation: 0.3}\ntrain: {epochs: 1}\n"
@@ -111,7 +153,7 @@ def test_a_run_on_a_bundled_dataset_does_not_import_sklearn(tmp_path: Path) -> N
         f"'--storage', 'sqlite:///{tmp_path / 's.db'}']\n"
         "try:\n    app()\nexcept SystemExit as exc:\n    assert exc.code in (0, None), exc.code\n"
     )
-    assert imported_by("import sys\n" + code, ("sklearn",), tmp_path) == []
+    assert imported_by("import sys\n" + code, ("sklearn", "pandas"), tmp_path) == []
 
 
 def test_data_files_not_where_expected_fall_back_to_sklearns_loader(
