@@ -16,6 +16,7 @@ from automl.errors import SpaceError, UsageError
 from automl.spaces import parse_space
 from automl.studies import (
     RunOptions,
+    _LogNdtr,
     create_pruner,
     create_sampler,
     create_study,
@@ -351,10 +352,32 @@ def test_the_lean_tpe_searches_like_optunas_own(monkeypatch: pytest.MonkeyPatch)
         return np.frompyfunc(_truncnorm._log_ndtr_single, 1, 1)(a).astype(float)
 
     monkeypatch.setattr(_truncnorm, "_log_ndtr", optunas_log_ndtr)
+    monkeypatch.setattr(_LogNdtr, "LONG", 0)  # SciPy's for every call
     plain = best_of(optuna.samplers.TPESampler(seed=3, multivariate=True, group=True))
     lean = best_of(_lean_tpe(optuna.samplers.TPESampler(seed=3, multivariate=True, group=True)))
-    assert _truncnorm._log_ndtr is not optunas_log_ndtr  # SciPy's is in place
+    assert isinstance(_truncnorm._log_ndtr, _LogNdtr)  # SciPy's is in place
     assert lean == pytest.approx(plain, abs=1e-6)  # the same search, to float rounding
+
+
+def test_log_ndtr_is_optunas_for_short_arrays_and_scipys_for_long_ones() -> None:
+    import numpy as np
+    from optuna.samplers._tpe import _truncnorm
+    from scipy.special import log_ndtr
+
+    calls: list[int] = []
+
+    def optunas(a: Any) -> Any:
+        calls.append(np.size(a))
+        return np.frompyfunc(_truncnorm._log_ndtr_single, 1, 1)(a).astype(float)
+
+    lean = _LogNdtr(optunas)
+    short = np.linspace(-40, 8, _LogNdtr.LONG - 1)
+    long = np.linspace(-40, 8, _LogNdtr.LONG)
+    assert np.array_equal(lean(short), optunas(short))
+    assert calls == [len(short), len(short)]
+    np.testing.assert_allclose(lean(long), optunas(long), rtol=1e-7)
+    assert calls == [len(short), len(short), len(long)]  # the last call was the test's
+    assert np.array_equal(lean(long), log_ndtr(long))
 
 
 @pytest.mark.parametrize("options", [{}, {"multivariate": True, "group": True}])
