@@ -352,14 +352,14 @@ def test_the_lean_tpe_searches_like_optunas_own(monkeypatch: pytest.MonkeyPatch)
         return np.frompyfunc(_truncnorm._log_ndtr_single, 1, 1)(a).astype(float)
 
     monkeypatch.setattr(_truncnorm, "_log_ndtr", optunas_log_ndtr)
-    monkeypatch.setattr(_LogNdtr, "LONG", 0)  # SciPy's for every call
+    monkeypatch.setattr(_LogNdtr, "BUDGET", 0)  # SciPy's from the first call
     plain = best_of(optuna.samplers.TPESampler(seed=3, multivariate=True, group=True))
     lean = best_of(_lean_tpe(optuna.samplers.TPESampler(seed=3, multivariate=True, group=True)))
     assert isinstance(_truncnorm._log_ndtr, _LogNdtr)  # SciPy's is in place
     assert lean == pytest.approx(plain, abs=1e-6)  # the same search, to float rounding
 
 
-def test_log_ndtr_is_optunas_for_short_arrays_and_scipys_for_long_ones() -> None:
+def test_log_ndtr_is_optunas_until_its_budget_is_spent_then_scipys() -> None:
     import numpy as np
     from optuna.samplers._tpe import _truncnorm
     from scipy.special import log_ndtr
@@ -371,13 +371,14 @@ def test_log_ndtr_is_optunas_for_short_arrays_and_scipys_for_long_ones() -> None
         return np.frompyfunc(_truncnorm._log_ndtr_single, 1, 1)(a).astype(float)
 
     lean = _LogNdtr(optunas)
-    short = np.linspace(-40, 8, _LogNdtr.LONG - 1)
-    long = np.linspace(-40, 8, _LogNdtr.LONG)
-    assert np.array_equal(lean(short), optunas(short))
-    assert calls == [len(short), len(short)]
-    np.testing.assert_allclose(lean(long), optunas(long), rtol=1e-7)
-    assert calls == [len(short), len(short), len(long)]  # the last call was the test's
-    assert np.array_equal(lean(long), log_ndtr(long))
+    lean._left = 2000  # a small budget for the test
+    values = np.linspace(-40, 8, 1000)
+    assert np.array_equal(lean(values), optunas(values))
+    assert np.array_equal(lean(values), optunas(values))  # 2,000 elements: the budget
+    assert calls == [1000] * 4
+    np.testing.assert_allclose(lean(values), optunas(values), rtol=1e-7)
+    assert calls == [1000] * 5  # the last call was the test's: SciPy's from the third on
+    assert np.array_equal(lean(values[:3]), log_ndtr(values[:3]))  # and for short ones
 
 
 @pytest.mark.parametrize("options", [{}, {"multivariate": True, "group": True}])
