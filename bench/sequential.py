@@ -7,6 +7,11 @@ is wall time of the whole process (imports, data, study, trials) divided by the 
 
     python bench/sequential.py --n-trials 30 --rounds 1 --pack 8
     python bench/sequential.py --n-trials 64 --device cuda   # both on a GPU
+    python bench/sequential.py --n-trials 64 --pack 8 --pack-workers 2
+
+``--pack-workers W`` also times ``automl run --pack K --workers W`` for each K: the
+reference runs with torch's default threads, as many as the cores, so W = the cores
+compares core for core.
 
 Prints one JSON line per run and a summary line with the ratios.
 """
@@ -52,7 +57,12 @@ def best_of(url: str, study: str) -> tuple[float, int, int]:
 
 
 def run_round(
-    n_trials: int, packs: list[int], folder: Path, index: int, device: str = "cpu"
+    n_trials: int,
+    packs: list[int],
+    folder: Path,
+    index: int,
+    device: str = "cpu",
+    pack_workers: int = 0,
 ) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
     # The reference as written (torch's default threads), and with one thread like automl.
@@ -78,6 +88,14 @@ def run_round(
         best, n, epochs = best_of(ref_url, "reference")
         rows.append(_row(name, n, epochs, seconds, best, before))
     runs = [("automl", []), *((f"automl --pack {k}", ["--pack", str(k)]) for k in packs)]
+    if pack_workers > 1:
+        runs += [
+            (
+                f"automl --pack {k} --workers {pack_workers}",
+                ["--pack", str(k), "--workers", str(pack_workers)],
+            )
+            for k in packs
+        ]
     for name, extra in runs:
         url = f"sqlite:///{folder / f'automl{index}_{len(rows)}.db'}"
         before = load()
@@ -125,12 +143,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--pack", default="8", help="K of --pack, or several: 8,32")
     parser.add_argument("--device", default="cpu", help="cpu or cuda, for both searches")
+    parser.add_argument(
+        "--pack-workers", type=int, default=0, help="also time --pack K with --workers W"
+    )
     args = parser.parse_args()
     per_run: dict[str, list[dict[str, object]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for index in range(args.rounds):
             packs = [int(k) for k in str(args.pack).split(",")]
-            for row in run_round(args.n_trials, packs, Path(tmp), index, args.device):
+            rows = run_round(args.n_trials, packs, Path(tmp), index, args.device, args.pack_workers)
+            for row in rows:
                 print(json.dumps(row), flush=True)
                 per_run.setdefault(str(row["run"]), []).append(row)
     ref = statistics.median(float(r["s_per_trial"]) for r in per_run["reference"])  # type: ignore[arg-type]
