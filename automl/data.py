@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -451,6 +452,9 @@ def load_frame(spec: DataSpec) -> tuple[str, pd.DataFrame, pd.Series, list[int] 
     """The raw features and target of a data spec, before any split."""
     if spec.dataset is not None:
         frame, target, image_shape = _bundled_frame(spec.dataset)
+        if spec.drop:
+            kept = bundled_columns(spec.dataset, spec.drop)
+            frame, image_shape = frame.iloc[:, kept], None
         return spec.dataset, frame, target, image_shape
     assert spec.path is not None
     frame, image_shape = read_table(spec.path)
@@ -508,8 +512,12 @@ def load_dataset(spec: DataSpec, *, seed: int = 0) -> Dataset:
         assert spec.dataset is not None
         name = spec.dataset
         values, target = arrays
-        task: Task = spec.task if spec.task != "auto" else BUNDLED_DATASETS[name]
+        columns = FEATURES[name]
         image_shape = BUNDLED_IMAGE_SHAPES.get(name)
+        if spec.drop:  # a dropped pixel leaves a table, not an image
+            kept = bundled_columns(name, spec.drop)
+            values, columns, image_shape = values[:, kept], [columns[i] for i in kept], None
+        task: Task = spec.task if spec.task != "auto" else BUNDLED_DATASETS[name]
         labels = target.astype(str) if task == "classification" else None
         target_name: str | None = "target"
     else:
@@ -528,7 +536,7 @@ def load_dataset(spec: DataSpec, *, seed: int = 0) -> Dataset:
     pre = Preprocessor(target=target_name, task=task)
     pre.image_shape = image_shape
     if arrays is not None:
-        X = pre.fit_values(FEATURES[name], values[train_idx]).scale_values(values)
+        X = pre.fit_values(columns, values[train_idx]).scale_values(values)
         X = X.astype(np.float32)
     else:
         pre.fit(features.iloc[train_idx])
@@ -554,6 +562,23 @@ def load_dataset(spec: DataSpec, *, seed: int = 0) -> Dataset:
         X_test=X[test_idx],
         y_test=y[test_idx],
     )
+
+
+def bundled_columns(name: str, drop: Sequence[str]) -> list[int]:
+    """The feature columns of bundled dataset ``name`` kept once ``drop`` is dropped."""
+    from automl.bundled import FEATURES
+
+    columns = FEATURES[name]
+    unknown = [c for c in drop if c not in columns]
+    if unknown:
+        shown = ", ".join(columns[:8]) + (", ..." if len(columns) > 8 else "")
+        raise DataError(
+            f"{name}: data.drop names unknown column(s) {', '.join(unknown)} (its columns: {shown})"
+        )
+    kept = [i for i, c in enumerate(columns) if c not in drop]
+    if not kept:
+        raise DataError(f"{name}: data.drop leaves no feature columns")
+    return kept
 
 
 def _bundled_values(spec: DataSpec) -> tuple[np.ndarray, np.ndarray] | None:

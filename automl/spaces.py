@@ -318,6 +318,11 @@ class DataSpec(_Section):
                 f"unknown dataset '{self.dataset}', expected one of "
                 f"{', '.join(BUNDLED_DATASETS)}{_did_you_mean(self.dataset, BUNDLED_DATASETS)}"
             )
+        if self.dataset is not None and self.target is not None:
+            raise ValueError(
+                f"'target' names the column to predict in a data file ('path'); the bundled "
+                f"dataset '{self.dataset}' has its own target: remove 'target'"
+            )
         if self.validation + self.test >= 1:
             raise ValueError(f"validation + test must be < 1, got {self.validation} + {self.test}")
         return self

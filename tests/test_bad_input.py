@@ -155,6 +155,31 @@ CORPUS: list[Case] = [
     ),
     run_space("validation-zero", space(data={"dataset": "iris", "validation": 0}), "validation"),
     run_space(
+        "bundled-with-target",
+        space(data={"dataset": "iris", "target": "species"}),
+        "the bundled dataset 'iris' has its own target",
+    ),
+    run_space(
+        "bundled-drop-unknown",
+        space(data={"dataset": "iris", "drop": ["petal_width"]}),
+        "iris: data.drop names unknown column(s) petal_width (its columns: sepal length",
+    ),
+    run_space(
+        "bundled-drop-everything",
+        space(
+            data={
+                "dataset": "iris",
+                "drop": [
+                    "sepal length (cm)",
+                    "sepal width (cm)",
+                    "petal length (cm)",
+                    "petal width (cm)",
+                ],
+            }
+        ),
+        "iris: data.drop leaves no feature columns",
+    ),
+    run_space(
         "fractions-sum-to-one",
         space(data={"dataset": "iris", "validation": 0.6, "test": 0.4}),
         "validation + test must be < 1",

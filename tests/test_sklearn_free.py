@@ -17,7 +17,7 @@ from sklearn.impute import SimpleImputer
 from sklearn.model_selection import train_test_split as sk_split
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-from automl.bundled import load_bundled
+from automl.bundled import FEATURES, load_bundled
 from automl.data import fit_numeric, fit_text, train_test_split
 from automl.errors import DataError
 from automl.spaces import BUNDLED_DATASETS
@@ -104,6 +104,7 @@ def test_text_statistics_equal_sklearns() -> None:
 
 BUNDLED_SPECS = [
     {"validation": 0.2},
+    {"validation": 0.2, "drop": ["DROP"]},  # the dataset's second column
     {"validation": 0.25, "test": 0.1},
     {"validation": 0.3, "test": 0.2, "task": "regression"},
     {"validation": 0.2, "test": 0.05, "task": "classification"},
@@ -121,6 +122,8 @@ def test_bundled_arrays_load_exactly_as_their_frames(
     from automl import data
     from automl.spaces import DataSpec
 
+    if options.get("drop") == ["DROP"]:
+        options = {**options, "drop": [FEATURES[name][1]]}
     spec = DataSpec(dataset=name, **options)
     for seed in (0, 7):
         try:
@@ -135,6 +138,7 @@ def test_bundled_arrays_load_exactly_as_their_frames(
             m.setattr(data, "_bundled_values", lambda spec: None)
             frame = data.load_dataset(spec, seed=seed)
         assert (arrays.name, arrays.task) == (frame.name, frame.task)
+        assert arrays.n_features == len(FEATURES[name]) - len(spec.drop)
         assert arrays.preprocessor.to_state() == frame.preprocessor.to_state()
         for split in ("X_train", "y_train", "X_val", "y_val", "X_test", "y_test"):
             a, f = getattr(arrays, split), getattr(frame, split)
