@@ -237,10 +237,10 @@ def check_stored_space(storage: Any, space: Space, study_name: str, *, allow: bo
 def optuna_conflicts(old_raw: Any, new: Space) -> list[str]:
     """Changes Optuna refuses within one study (every trial would fail): a categorical's
     choices, a range's int/float kind or its log scale."""
-    from automl.spaces import Categorical, Fixed, Range, distributions, parse_space
+    from automl.spaces import Categorical, Fixed, Range, distributions, parse_stored_space
 
     try:
-        old = parse_space(old_raw, file="(stored space)")
+        old = parse_stored_space(old_raw, file="(stored space)")
     except AutomlError:  # written by another version: nothing to compare with
         return []
     before, after = distributions(old), distributions(new)
@@ -314,14 +314,16 @@ def study_space(study: optuna.Study) -> Space:
     """The space a study was last run with (stored in its user attributes)."""
     import yaml
 
-    from automl.spaces import parse_space
+    from automl.spaces import parse_stored_space
 
     source = study.user_attrs.get("space")
     if not source:
         raise UsageError(
             f"study '{study.study_name}' stores no space file; run it with automl first"
         )
-    return parse_space(yaml.safe_load(source), file=f"study '{study.study_name}'", source=source)
+    return parse_stored_space(
+        yaml.safe_load(source), file=f"study '{study.study_name}'", source=source
+    )
 
 
 def enqueue_params(

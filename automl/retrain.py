@@ -81,7 +81,7 @@ def study_space(study: optuna.Study) -> Space:
     """The space the study was created with, its data path made usable from here."""
     import yaml
 
-    from automl.spaces import parse_space
+    from automl.spaces import parse_stored_space
 
     text = study.user_attrs.get("space")
     if not text:
@@ -90,7 +90,9 @@ def study_space(study: optuna.Study) -> Space:
             "retrain needs the space file it ran"
         )
     space_file = study.user_attrs.get("space_file")
-    space = parse_space(yaml.safe_load(text), file=space_file or "(study space)", source=text)
+    space = parse_stored_space(
+        yaml.safe_load(text), file=space_file or "(study space)", source=text
+    )
     if space.data.path is None:
         return space
     from dataclasses import replace

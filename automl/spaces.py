@@ -723,6 +723,17 @@ def _shape_problem(raw: Any) -> str | None:
     return None
 
 
+def parse_stored_space(raw: Any, *, file: str, source: str | None = None) -> Space:
+    """``parse_space`` for a space a study stored, perhaps from an earlier version: a
+    ``data.target`` beside a bundled ``data.dataset`` (once accepted and ignored) is
+    left out rather than refused, so such a study can still be shown and retrained."""
+    if isinstance(raw, Mapping) and isinstance(raw.get("data"), Mapping):
+        data = raw["data"]
+        if data.get("dataset") is not None and "target" in data:
+            raw = {**raw, "data": {k: v for k, v in data.items() if k != "target"}}
+    return parse_space(raw, file=file, source=source)
+
+
 def parse_space(raw: Any, *, file: str = "space", source: str | None = None) -> Space:
     """Validate a parsed YAML document; raise SpaceError listing every problem."""
     errors = _Errors(file)

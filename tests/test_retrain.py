@@ -427,3 +427,31 @@ def test_data_seed_is_found_from_the_trials_seed(
     trial = optuna.trial.create_trial(value=0.5, user_attrs={"seed": trial_seed(run_seed, number)})
     trial.number = number
     assert data_seed(study, trial, space) == (run_seed or 0)
+
+
+def test_a_stored_space_with_a_bundled_dataset_and_a_target_still_retrains(
+    tmp_path: Path,
+) -> None:
+    """Earlier versions accepted (and ignored) ``data.target`` beside a bundled dataset;
+    a space file saying so is refused now, but a study that stored one still retrains."""
+    space = tmp_path / "iris.yaml"
+    space.write_text(
+        "name: old-iris\ndata:\n  dataset: iris\ntrain: {epochs: 1}\n"
+        "space: {hidden_units: [8], batch_size: [32]}\n"
+    )
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    assert (
+        runner.invoke(app, ["run", str(space), "--n-trials", "1", "--storage", url]).exit_code == 0
+    )
+    study = load_study("old-iris", url)
+    old = study.user_attrs["space"].replace("dataset: iris", "dataset: iris\n  target: species")
+    assert "target: species" in old
+    study.set_user_attr("space", old)
+    refused = tmp_path / "refused.yaml"
+    refused.write_text(old)
+    result = runner.invoke(app, ["space", "check", str(refused)])
+    assert result.exit_code == 2 and "has its own target" in result.output
+    out = tmp_path / "m.pt"
+    result = runner.invoke(app, ["retrain", "old-iris", "--storage", url, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.exists()
