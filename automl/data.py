@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -374,9 +375,9 @@ def read_table(path: str | Path) -> tuple[pd.DataFrame, list[int] | None]:
     suffix = p.suffix.lower()
     try:
         if suffix in (".csv", ".txt", ".tsv"):
-            sep = "\t" if suffix == ".tsv" else ","
+            sep, decimal = ("\t", ".") if suffix == ".tsv" else _sniff_csv(p)
             try:
-                frame = pd.read_csv(p, sep=sep)
+                frame = pd.read_csv(p, sep=sep, decimal=decimal)
             except pd.errors.EmptyDataError:
                 raise DataError(f"{p}: the file is empty; it needs a header and rows") from None
             if frame.empty:
@@ -405,6 +406,43 @@ def read_table(path: str | Path) -> tuple[pd.DataFrame, list[int] | None]:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(f"{p}: cannot read the data file: {first}") from None
     raise DataError(f"{p}: unsupported file type '{suffix}'; use .csv, .parquet or .npz")
+
+
+# Delimiters a CSV may use, in order of preference where several fit.
+CSV_DELIMITERS = (",", ";", "\t", "|")
+_DECIMAL_COMMA = re.compile(r"^-?\d+,\d+$")
+_DECIMAL_POINT = re.compile(r"^-?\d*\.\d+$")
+
+
+def _sniff_csv(p: Path, sample_bytes: int = 64 * 1024) -> tuple[str, str]:
+    """The delimiter and decimal mark of a CSV file: the first of CSV_DELIMITERS that
+    splits the header and the first rows into the same number of fields (more than one),
+    else ','; and ',' as the decimal mark where the delimiter is not a comma and numbers
+    are written 1,5 (spreadsheets in many locales save such files), else '.'."""
+    import csv
+    import io
+
+    with p.open("r", encoding="utf-8-sig", errors="replace", newline="") as fh:
+        sample = fh.read(sample_bytes)
+    lines = sample.splitlines()
+    if len(sample) == sample_bytes and len(lines) > 1:
+        lines = lines[:-1]  # the last line may be cut
+    lines = [line for line in lines if line.strip()][:20]
+    if not lines:
+        return ",", "."
+    for delimiter in CSV_DELIMITERS:
+        rows = list(csv.reader(io.StringIO("\n".join(lines)), delimiter=delimiter))
+        widths = {len(row) for row in rows}
+        if len(widths) == 1 and widths.pop() > 1:
+            break
+    else:
+        return ",", "."
+    if delimiter == ",":
+        return ",", "."
+    cells = [cell.strip() for row in rows[1:] for cell in row]
+    commas = any(_DECIMAL_COMMA.match(c) for c in cells)
+    points = any(_DECIMAL_POINT.match(c) for c in cells)
+    return delimiter, "," if commas and not points else "."
 
 
 def _read_npz(p: Path) -> tuple[pd.DataFrame, list[int] | None]:

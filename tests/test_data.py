@@ -151,6 +151,32 @@ def test_parquet_and_csv_give_the_same_data(tmp_path: Path) -> None:
     assert np.allclose(a.X_train, b.X_train) and np.array_equal(a.y_val, b.y_val)
 
 
+@pytest.mark.parametrize(
+    ("text", "columns", "first_row"),
+    [
+        # a spreadsheet's export in many locales: semicolons, decimal commas, a BOM
+        ("\ufeffa;b;label\n1,5;-2,25;x\n3;4,0;y\n", ["a", "b", "label"], [1.5, -2.25, "x"]),
+        ("a\tb\tlabel\n1.5\t2\tx\n3\t4\ty\n", ["a", "b", "label"], [1.5, 2, "x"]),
+        ("a|b|label\n1.5|2|x\n3|4|y\n", ["a", "b", "label"], [1.5, 2, "x"]),
+        # semicolons with decimal points stay points
+        ("a;b;label\n1.5;2;x\n3;4;y\n", ["a", "b", "label"], [1.5, 2, "x"]),
+        # commas first: a comma file whose text holds semicolons
+        ('a,b,label\n1.5,2,"x;y"\n3,4,y\n', ["a", "b", "label"], [1.5, 2, "x;y"]),
+        # rows of another width than the header: read with commas, as before
+        ("a,b,label\n1,2\n3,4,y\n", ["a", "b", "label"], [1, 2, None]),
+    ],
+)
+def test_csv_delimiters_and_decimal_commas_are_detected(
+    tmp_path: Path, text: str, columns: list[str], first_row: list[Any]
+) -> None:
+    path = tmp_path / "t.csv"
+    path.write_text(text, encoding="utf-8")
+    frame, _ = read_table(path)
+    assert list(frame.columns) == columns
+    row = [None if isinstance(v, float) and v != v else v for v in frame.iloc[0].tolist()]
+    assert row == first_row
+
+
 def test_npz_flat_and_images(tmp_path: Path) -> None:
     np.savez(tmp_path / "flat.npz", X=np.arange(40.0).reshape(20, 2), y=np.arange(20) * 1.5)
     ds = load_dataset(DataSpec(path=str(tmp_path / "flat.npz")))
