@@ -377,7 +377,7 @@ def read_table(path: str | Path) -> tuple[pd.DataFrame, list[int] | None]:
         if suffix in (".csv", ".txt", ".tsv"):
             sep, decimal = ("\t", ".") if suffix == ".tsv" else _sniff_csv(p)
             try:
-                frame = pd.read_csv(p, sep=sep, decimal=decimal)
+                frame = pd.read_csv(p, sep=sep, decimal=decimal, na_values=CSV_MISSING)
             except pd.errors.EmptyDataError:
                 raise DataError(f"{p}: the file is empty; it needs a header and rows") from None
             if frame.empty:
@@ -407,6 +407,10 @@ def read_table(path: str | Path) -> tuple[pd.DataFrame, list[int] | None]:
         raise DataError(f"{p}: cannot read the data file: {first}") from None
     raise DataError(f"{p}: unsupported file type '{suffix}'; use .csv, .parquet or .npz")
 
+
+# Read as missing in a CSV besides pandas' own markers (NA, NaN, null, empty, ...): '?',
+# as the UCI repository's files write it (a numeric column with '?' would become text).
+CSV_MISSING = ["?"]
 
 # Delimiters a CSV may use, in order of preference where several fit.
 CSV_DELIMITERS = (",", ";", "\t", "|")

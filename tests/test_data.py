@@ -177,6 +177,24 @@ def test_csv_delimiters_and_decimal_commas_are_detected(
     assert row == first_row
 
 
+def test_question_marks_in_a_csv_are_missing_values(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """UCI's files write '?' for a missing value: a numeric column with some stays numeric
+    (imputed), and rows whose target is '?' are dropped like empty ones."""
+    rows = ["horsepower,weight,mpg"]
+    rows += [f"{100 + i},{2000 + 10 * i},{20 + i % 7}" for i in range(40)]
+    rows += ["?,2500,21", "95,2400,?"]
+    path = tmp_path / "auto.csv"
+    path.write_text("\n".join(rows) + "\n")
+    with caplog.at_level("WARNING"):
+        data = load_dataset(DataSpec(path=str(path), target="mpg", task="regression"))
+    assert data.preprocessor.numeric == ["horsepower", "weight"]
+    assert data.preprocessor.categorical == []
+    assert len(data.X_train) + len(data.X_val) == 41  # the '?' target's row dropped
+    assert "dropped 1 row(s)" in caplog.text
+
+
 def test_npz_flat_and_images(tmp_path: Path) -> None:
     np.savez(tmp_path / "flat.npz", X=np.arange(40.0).reshape(20, 2), y=np.arange(20) * 1.5)
     ds = load_dataset(DataSpec(path=str(tmp_path / "flat.npz")))
