@@ -475,6 +475,18 @@ def _read_npz(p: Path) -> tuple[pd.DataFrame, list[int] | None]:
     return frame, image_shape
 
 
+def _is_row_index(column: pd.Series) -> bool:
+    """Whether ``column`` is 0..n-1 or 1..n in order, as pandas' ``to_csv`` writes a frame's
+    index (in a column with no header, which pandas reads back as 'Unnamed: 0')."""
+    import pandas as pd
+
+    if not pd.api.types.is_integer_dtype(column) or len(column) < 2:
+        return False
+    values = column.to_numpy()
+    start = int(values[0])
+    return start in (0, 1) and bool(np.array_equal(values, np.arange(start, start + len(values))))
+
+
 def infer_task(target: pd.Series) -> Task:
     """The ``task: auto`` rule: text, booleans or categories are classes; numbers that are
     all integers with at most 20 distinct values are classes; other numbers are regression.
@@ -521,7 +533,22 @@ def load_frame(spec: DataSpec) -> tuple[str, pd.DataFrame, pd.Series, list[int] 
     n_missing = int(target.isna().sum())
     if n_missing == len(target):
         raise DataError(f"{spec.path}: target column '{target_col}' is entirely empty")
-    features = frame.drop(columns=[target_col, *spec.drop])
+    index_columns = [
+        c
+        for c in frame.columns
+        if str(c).startswith("Unnamed: ")
+        and c != target_col
+        and c not in spec.drop
+        and _is_row_index(frame[c])
+    ]
+    for column in index_columns:
+        log.warning(
+            "ignored column '%s' of %s: a saved row index (0, 1, 2, ...) without a header, "
+            "which as a feature would only tell the rows' order",
+            column,
+            spec.path,
+        )
+    features = frame.drop(columns=[target_col, *spec.drop, *index_columns])
     if n_missing:
         log.warning(
             "dropped %d row(s) of %s whose target '%s' is missing", n_missing, spec.path, target_col

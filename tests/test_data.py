@@ -195,6 +195,31 @@ def test_question_marks_in_a_csv_are_missing_values(
     assert "dropped 1 row(s)" in caplog.text
 
 
+def test_a_saved_row_index_without_a_header_is_not_a_feature(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``DataFrame.to_csv`` writes the index as a first column without a header; as a
+    feature it would only tell the rows' order. Other unnamed columns stay features."""
+    frame = pd.DataFrame(
+        {
+            "a": np.linspace(0, 1, 30),
+            "": [3, 1, 2] * 10,  # unnamed, but not an index
+            "y": ["p", "q"] * 15,
+        }
+    )
+    path = tmp_path / "saved.csv"
+    frame.to_csv(path)  # with the index
+    with caplog.at_level("WARNING"):
+        data = load_dataset(DataSpec(path=str(path), target="y"))
+    assert data.preprocessor.numeric == ["a", "Unnamed: 2"]
+    assert "ignored column 'Unnamed: 0'" in caplog.text
+    frame.to_csv(path, index=False)
+    assert load_dataset(DataSpec(path=str(path), target="y")).preprocessor.numeric == [
+        "a",
+        "Unnamed: 1",
+    ]
+
+
 def test_npz_flat_and_images(tmp_path: Path) -> None:
     np.savez(tmp_path / "flat.npz", X=np.arange(40.0).reshape(20, 2), y=np.arange(20) * 1.5)
     ds = load_dataset(DataSpec(path=str(tmp_path / "flat.npz")))
