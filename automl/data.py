@@ -533,22 +533,24 @@ def load_frame(spec: DataSpec) -> tuple[str, pd.DataFrame, pd.Series, list[int] 
     n_missing = int(target.isna().sum())
     if n_missing == len(target):
         raise DataError(f"{spec.path}: target column '{target_col}' is entirely empty")
-    index_columns = [
+    # Columns without a header that carry nothing: a saved row index, or the empty column
+    # a delimiter at the end of every line makes.
+    headerless = [
         c
         for c in frame.columns
-        if str(c).startswith("Unnamed: ")
-        and c != target_col
-        and c not in spec.drop
-        and _is_row_index(frame[c])
+        if str(c).startswith("Unnamed: ") and c != target_col and c not in spec.drop
     ]
-    for column in index_columns:
-        log.warning(
-            "ignored column '%s' of %s: a saved row index (0, 1, 2, ...) without a header, "
-            "which as a feature would only tell the rows' order",
-            column,
-            spec.path,
-        )
-    features = frame.drop(columns=[target_col, *spec.drop, *index_columns])
+    ignored = []
+    for column in headerless:
+        if _is_row_index(frame[column]):
+            why = "a saved row index (0, 1, 2, ...), which would only tell the rows' order"
+        elif frame[column].isna().all():
+            why = "entirely empty (a delimiter at the end of each line)"
+        else:
+            continue
+        log.warning("ignored column '%s' of %s, which has no header: %s", column, spec.path, why)
+        ignored.append(column)
+    features = frame.drop(columns=[target_col, *spec.drop, *ignored])
     if n_missing:
         log.warning(
             "dropped %d row(s) of %s whose target '%s' is missing", n_missing, spec.path, target_col

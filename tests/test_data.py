@@ -212,12 +212,27 @@ def test_a_saved_row_index_without_a_header_is_not_a_feature(
     with caplog.at_level("WARNING"):
         data = load_dataset(DataSpec(path=str(path), target="y"))
     assert data.preprocessor.numeric == ["a", "Unnamed: 2"]
-    assert "ignored column 'Unnamed: 0'" in caplog.text
+    assert "ignored column 'Unnamed: 0'" in caplog.text and "saved row index" in caplog.text
     frame.to_csv(path, index=False)
     assert load_dataset(DataSpec(path=str(path), target="y")).preprocessor.numeric == [
         "a",
         "Unnamed: 1",
     ]
+
+
+def test_the_empty_column_of_a_trailing_delimiter_is_ignored(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "trailing.csv"
+    path.write_text("a,b,y,\n" + "1,2,x,\n3,4,z,\n" * 10)
+    with caplog.at_level("WARNING"):
+        data = load_dataset(DataSpec(path=str(path), target="y"))
+    assert data.preprocessor.feature_columns == ["a", "b"]
+    assert "ignored column 'Unnamed: 3'" in caplog.text and "entirely empty" in caplog.text
+    named = tmp_path / "named.csv"  # an empty column the file names is still an error
+    named.write_text("a,b,y,c\n" + "1,2,x,\n3,4,z,\n" * 10)
+    with pytest.raises(DataError, match=r"column\(s\) c are entirely empty"):
+        load_dataset(DataSpec(path=str(named), target="y"))
 
 
 def test_npz_flat_and_images(tmp_path: Path) -> None:
