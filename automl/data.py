@@ -6,7 +6,10 @@ numbers and strings) so a model file can carry it and load with ``weights_only=T
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import logging
+import lzma
 import math
 import re
 from collections import Counter
@@ -373,6 +376,9 @@ def read_table(path: str | Path) -> tuple[pd.DataFrame, list[int] | None]:
     if p.is_dir():
         raise DataError(f"{p}: is a folder, not a data file")
     suffix = p.suffix.lower()
+    compressed = suffix in COMPRESSIONS and len(p.suffixes) > 1
+    if compressed:  # data.csv.gz: pandas reads it through the compression it names
+        suffix = p.suffixes[-2].lower()
     try:
         if suffix in (".csv", ".txt", ".tsv"):
             sep, decimal = ("\t", ".") if suffix == ".tsv" else _sniff_csv(p)
@@ -405,12 +411,19 @@ def read_table(path: str | Path) -> tuple[pd.DataFrame, list[int] | None]:
     except Exception as exc:  # pyarrow and friends raise their own types
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(f"{p}: cannot read the data file: {first}") from None
-    raise DataError(f"{p}: unsupported file type '{suffix}'; use .csv, .parquet or .npz")
+    kind = "".join(p.suffixes[-2:]) if compressed else suffix
+    raise DataError(
+        f"{p}: unsupported file type '{kind}'; use .csv (or .csv.gz, .csv.bz2, .csv.xz), "
+        ".parquet or .npz"
+    )
 
 
 # Read as missing in a CSV besides pandas' own markers (NA, NaN, null, empty, ...): '?',
 # as the UCI repository's files write it (a numeric column with '?' would become text).
 CSV_MISSING = ["?"]
+
+# Compressed CSV files read as such (data.csv.gz ...): the suffix and how to open it.
+COMPRESSIONS: dict[str, Any] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 
 # Delimiters a CSV may use, in order of preference where several fit.
 CSV_DELIMITERS = (",", ";", "\t", "|")
@@ -426,8 +439,12 @@ def _sniff_csv(p: Path, sample_bytes: int = 64 * 1024) -> tuple[str, str]:
     import csv
     import io
 
-    with p.open("r", encoding="utf-8-sig", errors="replace", newline="") as fh:
-        sample = fh.read(sample_bytes)
+    opener = COMPRESSIONS.get(p.suffix.lower(), open) if len(p.suffixes) > 1 else open
+    try:
+        with opener(p, "rt", encoding="utf-8-sig", errors="replace", newline="") as fh:
+            sample = fh.read(sample_bytes)
+    except (OSError, EOFError, ValueError):  # not what its name says: pandas will tell
+        return ",", "."
     lines = sample.splitlines()
     if len(sample) == sample_bytes and len(lines) > 1:
         lines = lines[:-1]  # the last line may be cut

@@ -177,6 +177,28 @@ def test_csv_delimiters_and_decimal_commas_are_detected(
     assert row == first_row
 
 
+@pytest.mark.parametrize("compression", ["gz", "bz2", "xz"])
+def test_compressed_csv_files_are_read(tmp_path: Path, compression: str) -> None:
+    import bz2
+    import gzip
+    import lzma
+
+    opener = {"gz": gzip.open, "bz2": bz2.open, "xz": lzma.open}[compression]
+    path = tmp_path / f"t.csv.{compression}"
+    with opener(path, "wt", encoding="utf-8") as fh:
+        fh.write("a;b;label\n1,5;2;x\n3;4;y\n")
+    frame, _ = read_table(path)
+    assert list(frame.columns) == ["a", "b", "label"]
+    assert frame["a"].tolist() == [1.5, 3.0]
+    fake = tmp_path / f"fake.csv.{compression}"
+    fake.write_text("a,b\n1,2\n")  # not compressed at all
+    with pytest.raises(DataError, match="cannot read the data file"):
+        read_table(fake)
+    with pytest.raises(DataError, match=r"unsupported file type '\.json\.gz'"):
+        (tmp_path / "t.json.gz").write_bytes(b"")
+        read_table(tmp_path / "t.json.gz")
+
+
 def test_question_marks_in_a_csv_are_missing_values(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
