@@ -50,6 +50,7 @@ class Preprocessor:
     y_mean: float = 0.0
     y_std: float = 1.0
     image_shape: list[int] | None = None  # C, H, W when the input is an image
+    header: bool = True  # whether the CSV files' first row names the columns (data.header)
 
     @property
     def n_features(self) -> int:
@@ -366,8 +367,10 @@ def _bundled_frame(name: str) -> tuple[pd.DataFrame, pd.Series, list[int] | None
     return frame, target, list(shape) if shape is not None else None
 
 
-def read_table(path: str | Path) -> tuple[pd.DataFrame, list[int] | None]:
-    """Read a CSV, Parquet or NPZ file into a frame; NPZ images are flattened."""
+def read_table(path: str | Path, *, header: bool = True) -> tuple[pd.DataFrame, list[int] | None]:
+    """Read a CSV, Parquet or NPZ file into a frame; NPZ images are flattened. A CSV read
+    without ``header`` has no names in its first row: its columns are x0, x1, ... (as an
+    NPZ file's table)."""
     import pandas as pd
 
     p = Path(path)
@@ -375,20 +378,28 @@ def read_table(path: str | Path) -> tuple[pd.DataFrame, list[int] | None]:
         raise DataError(f"{p}: no such data file; check data.path (relative to the space file)")
     if p.is_dir():
         raise DataError(f"{p}: is a folder, not a data file")
-    suffix = p.suffix.lower()
-    compressed = suffix in COMPRESSIONS and len(p.suffixes) > 1
-    if compressed:  # data.csv.gz: pandas reads it through the compression it names
-        suffix = p.suffixes[-2].lower()
+    compressed = p.suffix.lower() in COMPRESSIONS and len(p.suffixes) > 1
+    suffix = _table_kind(p)  # data.csv.gz: pandas reads it through the compression it names
     try:
-        if suffix in (".csv", ".txt", ".tsv"):
+        if suffix in CSV_SUFFIXES:
             sep, decimal = ("\t", ".") if suffix == ".tsv" else _sniff_csv(p)
             try:
-                frame = pd.read_csv(p, sep=sep, decimal=decimal, na_values=CSV_MISSING)
+                frame = pd.read_csv(
+                    p,
+                    sep=sep,
+                    decimal=decimal,
+                    na_values=CSV_MISSING,
+                    header=0 if header else None,
+                )
             except pd.errors.EmptyDataError:
                 raise DataError(f"{p}: the file is empty; it needs a header and rows") from None
             if frame.empty:
                 raise DataError(f"{p}: has a header but no rows")
-            frame.columns = [str(c).strip() for c in frame.columns]
+            frame.columns = (
+                [str(c).strip() for c in frame.columns]
+                if header
+                else [f"x{i}" for i in range(frame.shape[1])]
+            )
             return frame, None
         if suffix in (".parquet", ".pq"):
             frame = pd.read_parquet(p)
@@ -421,6 +432,18 @@ def read_table(path: str | Path) -> tuple[pd.DataFrame, list[int] | None]:
 # Read as missing in a CSV besides pandas' own markers (NA, NaN, null, empty, ...): '?',
 # as the UCI repository's files write it (a numeric column with '?' would become text).
 CSV_MISSING = ["?"]
+
+# Text tables read as CSV (UCI's files end in .data); .tsv is tab-separated.
+CSV_SUFFIXES = (".csv", ".txt", ".tsv", ".data")
+
+
+def _table_kind(p: Path) -> str:
+    """A data file's type by its suffix, a compression's left aside: .csv for t.csv.gz."""
+    suffix = p.suffix.lower()
+    if suffix in COMPRESSIONS and len(p.suffixes) > 1:
+        return p.suffixes[-2].lower()
+    return suffix
+
 
 # Compressed CSV files read as such (data.csv.gz ...): the suffix and how to open it.
 COMPRESSIONS: dict[str, Any] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
@@ -492,6 +515,26 @@ def _read_npz(p: Path) -> tuple[pd.DataFrame, list[int] | None]:
     return frame, image_shape
 
 
+def _headerless_hint(frame: pd.DataFrame) -> str:
+    """A hint for a CSV whose first row, read as column names, looks like data: half or
+    more of the names are numbers."""
+    names = [str(c) for c in frame.columns]
+    numbers = 0
+    for name in names:
+        try:
+            float(name)
+        except ValueError:
+            continue
+        numbers += 1
+    if len(names) < 2 or numbers * 2 < len(names):
+        return ""
+    return (
+        f"; its first row ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}) looks "
+        f"like data, not column names: add 'header: false' under data, and its columns are "
+        f"x0 .. x{len(names) - 1} (data.target: x{len(names) - 1} for the last)"
+    )
+
+
 def _is_row_index(column: pd.Series) -> bool:
     """Whether ``column`` is 0..n-1 or 1..n in order, as pandas' ``to_csv`` writes a frame's
     index (in a column with no header, which pandas reads back as 'Unnamed: 0')."""
@@ -528,12 +571,16 @@ def load_frame(spec: DataSpec) -> tuple[str, pd.DataFrame, pd.Series, list[int] 
             frame, image_shape = frame.iloc[:, kept], None
         return spec.dataset, frame, target, image_shape
     assert spec.path is not None
-    frame, image_shape = read_table(spec.path)
+    if not spec.header and _table_kind(Path(spec.path)) not in CSV_SUFFIXES:
+        raise DataError(
+            f"{spec.path}: data.header applies to CSV files; remove it for this file type"
+        )
+    frame, image_shape = read_table(spec.path, header=spec.header)
     target_col = spec.target or ("y" if image_shape is not None or "y" in frame.columns else None)
     if target_col is None:
         raise DataError(
             f"{spec.path}: say which column to predict with data.target "
-            f"(columns: {', '.join(map(str, frame.columns[:10]))})"
+            f"(columns: {', '.join(map(str, frame.columns[:10]))}){_headerless_hint(frame)}"
         )
     if target_col not in frame.columns:
         import difflib
@@ -541,7 +588,7 @@ def load_frame(spec: DataSpec) -> tuple[str, pd.DataFrame, pd.Series, list[int] 
         columns = [str(c) for c in frame.columns]
         same = [c for c in columns if c.lower() == target_col.lower()]  # 'mpg' for 'MPG'
         close = same or difflib.get_close_matches(target_col, columns, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
+        hint = f"; did you mean '{close[0]}'?" if close else _headerless_hint(frame)
         raise DataError(f"{spec.path}: target column '{target_col}' is not in the file{hint}")
     missing_drop = [c for c in spec.drop if c not in frame.columns]
     if missing_drop:
@@ -621,7 +668,7 @@ def load_dataset(spec: DataSpec, *, seed: int = 0) -> Dataset:
         target = series.to_numpy()
         target_name = str(series.name) if series.name is not None else None
     train_idx, val_idx, test_idx = _split(name, len(target), spec, seed, labels)
-    pre = Preprocessor(target=target_name, task=task)
+    pre = Preprocessor(target=target_name, task=task, header=spec.header)
     pre.image_shape = image_shape
     if arrays is not None:
         X = pre.fit_values(columns, values[train_idx]).scale_values(values)

@@ -484,7 +484,7 @@ def predict_file(
     from automl.data import read_table
 
     loaded = load_model_file(model_file)
-    frame, _ = read_table(data_file)
+    frame, _ = read_table(data_file, header=loaded.preprocessor.header)
     return predict_frame(loaded, frame, proba=proba, source=str(data_file))
 
 

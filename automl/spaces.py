@@ -303,6 +303,7 @@ class DataSpec(_Section):
     path: str | None = None
     target: str | None = None
     drop: tuple[str, ...] = ()
+    header: bool = True  # False: a CSV whose first row is data; its columns are x0, x1, ...
     task: Literal["auto", "classification", "regression"] = "auto"
     validation: float = Field(0.2, gt=0, lt=1)
     test: float = Field(0.0, ge=0, lt=1)
@@ -317,6 +318,11 @@ class DataSpec(_Section):
             raise ValueError(
                 f"unknown dataset '{self.dataset}', expected one of "
                 f"{', '.join(BUNDLED_DATASETS)}{_did_you_mean(self.dataset, BUNDLED_DATASETS)}"
+            )
+        if self.dataset is not None and not self.header:
+            raise ValueError(
+                f"'header' says whether a CSV file's first row names its columns; the "
+                f"bundled dataset '{self.dataset}' has its names: remove 'header'"
             )
         if self.dataset is not None and self.target is not None:
             raise ValueError(

@@ -160,6 +160,11 @@ CORPUS: list[Case] = [
         "the bundled dataset 'iris' has its own target",
     ),
     run_space(
+        "bundled-with-header",
+        space(data={"dataset": "iris", "header": False}),
+        "the bundled dataset 'iris' has its names: remove 'header'",
+    ),
+    run_space(
         "bundled-drop-unknown",
         space(data={"dataset": "iris", "drop": ["petal_width"]}),
         "iris: data.drop names unknown column(s) petal_width (its columns: sepal length",

@@ -199,6 +199,40 @@ def test_compressed_csv_files_are_read(tmp_path: Path, compression: str) -> None
         read_table(tmp_path / "t.json.gz")
 
 
+def _uci_iris(path: Path) -> None:
+    """iris as the UCI repository ships it: no header row, the label last."""
+    from sklearn.datasets import load_iris
+
+    bunch = load_iris()
+    names = ["Iris-setosa", "Iris-versicolor", "Iris-virginica"]
+    rows = [
+        ",".join(f"{v:.1f}" for v in x) + f",{names[y]}"
+        for x, y in zip(bunch.data, bunch.target, strict=True)
+    ]
+    path.write_text("\n".join(rows) + "\n")
+
+
+def test_a_csv_without_a_header_row(tmp_path: Path) -> None:
+    path = tmp_path / "iris.data"  # UCI's suffix, read as CSV
+    _uci_iris(path)
+    with pytest.raises(DataError, match=r"looks like data, not column names: add 'header: false'"):
+        load_dataset(DataSpec(path=str(path), target="species"))
+    with pytest.raises(DataError, match=r"'header: false'.*x0 \.\. x4"):
+        load_dataset(DataSpec(path=str(path)))  # no target named
+    data = load_dataset(DataSpec(path=str(path), header=False, target="x4"))
+    assert data.preprocessor.numeric == ["x0", "x1", "x2", "x3"]
+    assert data.preprocessor.classes == ["Iris-setosa", "Iris-versicolor", "Iris-virginica"]
+    assert len(data.X_train) + len(data.X_val) == 150  # the first row is data, not names
+    assert data.preprocessor.header is False
+    with pytest.raises(DataError, match="target column 'x4' is not in the file"):
+        load_dataset(DataSpec(path=str(path), target="x4"))  # header: true, the default
+    frame = pd.read_csv(path, header=None)
+    frame.columns = [f"c{i}" for i in range(5)]
+    frame.to_parquet(tmp_path / "iris.parquet")
+    with pytest.raises(DataError, match=r"data\.header applies to CSV files"):
+        load_dataset(DataSpec(path=str(tmp_path / "iris.parquet"), header=False, target="c4"))
+
+
 def test_question_marks_in_a_csv_are_missing_values(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

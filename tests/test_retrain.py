@@ -455,3 +455,26 @@ def test_a_stored_space_with_a_bundled_dataset_and_a_target_still_retrains(
     result = runner.invoke(app, ["retrain", "old-iris", "--storage", url, "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert out.exists()
+
+
+def test_a_model_trained_without_a_header_predicts_files_without_one(tmp_path: Path) -> None:
+    rows = [f"{i % 7},{(i * 3) % 5},{'a' if i % 7 > 3 else 'b'}" for i in range(120)]
+    (tmp_path / "plain.csv").write_text("\n".join(rows) + "\n")
+    space = tmp_path / "plain.yaml"
+    space.write_text(
+        "name: plain\ndata: {path: plain.csv, header: false, target: x2}\n"
+        "train: {epochs: 2}\nspace: {hidden_units: [8], batch_size: [32]}\n"
+    )
+    url = f"sqlite:///{tmp_path / 'plain.db'}"
+    assert (
+        runner.invoke(app, ["run", str(space), "--n-trials", "1", "--storage", url]).exit_code == 0
+    )
+    model = tmp_path / "plain.pt"
+    result = runner.invoke(app, ["retrain", "plain", "--storage", url, "-o", str(model)])
+    assert result.exit_code == 0, result.output
+    (tmp_path / "new.csv").write_text("6,1\n0,4\n5,2\n")  # no header, no target
+    result = runner.invoke(app, ["predict", str(model), str(tmp_path / "new.csv")])
+    assert result.exit_code == 0, result.output
+    lines = result.output.split()
+    assert lines[0] == "prediction" and len(lines) == 4  # all three rows, none taken as names
+    assert set(lines[1:]) <= {"a", "b"}
