@@ -10,6 +10,7 @@ data:
   # path: data/my.csv             # or a file: .csv, .parquet, .npz (arrays X and y)
   # target: label                 # the column to predict
   # drop: [id]                    # columns to ignore
+  # header: false                 # a CSV whose first row is data: columns x0, x1, ...
   task: auto                      # classification | regression | auto
   validation: 0.2                 # fraction the search is scored on
   test: 0.0                       # fraction kept for retrain's final score
