@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 Task = Literal["classification", "regression"]
 MAX_CLASSES_AUTO = 20  # an integer target with at most this many values is a class label
+UNIQUE_TEXT_ROWS = 20  # from this many rows, a text column unique in each is worth a warning
 
 
 @dataclass
@@ -91,6 +92,14 @@ class Preprocessor:
                     raise DataError(
                         f"column '{col}' has {len(cats)} distinct text values and cannot be "
                         f"one-hot encoded sensibly; drop it with data.drop: [{col}]"
+                    )
+                if len(cats) >= UNIQUE_TEXT_ROWS and len(cats) == len(frame):
+                    log.warning(
+                        "column '%s' has a different text value in every training row (an "
+                        "id or a name?): as a feature it can only be memorised; consider "
+                        "data.drop: [%s]",
+                        col,
+                        col,
                     )
         return self
 

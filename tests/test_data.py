@@ -233,6 +233,20 @@ def test_a_csv_without_a_header_row(tmp_path: Path) -> None:
         load_dataset(DataSpec(path=str(tmp_path / "iris.parquet"), header=False, target="c4"))
 
 
+def test_a_text_column_unique_in_every_row_gets_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rows = ["name,colour,x,y"] + [
+        f"person{i},{'red' if i % 2 else 'blue'},{i % 5},{'a' if i % 3 else 'b'}" for i in range(60)
+    ]
+    (tmp_path / "people.csv").write_text("\n".join(rows) + "\n")
+    with caplog.at_level("WARNING"):
+        data = load_dataset(DataSpec(path=str(tmp_path / "people.csv"), target="y"))
+    assert "column 'name' has a different text value in every training row" in caplog.text
+    assert "colour" not in caplog.text  # two values: a real category
+    assert data.preprocessor.categorical == ["name", "colour"]  # a warning, not a change
+
+
 def test_question_marks_in_a_csv_are_missing_values(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
