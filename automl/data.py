@@ -372,8 +372,12 @@ def _bundled_frame(name: str) -> tuple[pd.DataFrame, pd.Series, list[int] | None
     from automl.bundled import load_bundled
 
     frame, target = load_bundled(name)
+    return frame, target, _bundled_image_shape(name)
+
+
+def _bundled_image_shape(name: str) -> list[int] | None:
     shape = BUNDLED_IMAGE_SHAPES.get(name)
-    return frame, target, list(shape) if shape is not None else None
+    return list(shape) if shape is not None else None  # a copy: the preprocessor keeps it
 
 
 def read_table(path: str | Path, *, header: bool = True) -> tuple[pd.DataFrame, list[int] | None]:
@@ -471,7 +475,7 @@ def _sniff_csv(p: Path, sample_bytes: int = 64 * 1024) -> tuple[str, str]:
     import csv
     import io
 
-    opener = COMPRESSIONS.get(p.suffix.lower(), open) if len(p.suffixes) > 1 else open
+    opener = COMPRESSIONS.get(p.suffix.lower(), open)  # a CSV file's own suffix, or .gz ...
     try:
         with opener(p, "rt", encoding="utf-8-sig", errors="replace", newline="") as fh:
             sample = fh.read(sample_bytes)
@@ -657,7 +661,7 @@ def load_dataset(spec: DataSpec, *, seed: int = 0) -> Dataset:
         name = spec.dataset
         values, target = arrays
         columns = FEATURES[name]
-        image_shape = BUNDLED_IMAGE_SHAPES.get(name)
+        image_shape = _bundled_image_shape(name)
         if spec.drop:  # a dropped pixel leaves a table, not an image
             kept = bundled_columns(name, spec.drop)
             values, columns, image_shape = values[:, kept], [columns[i] for i in kept], None
@@ -665,8 +669,7 @@ def load_dataset(spec: DataSpec, *, seed: int = 0) -> Dataset:
         labels = target.astype(str) if task == "classification" else None
         target_name: str | None = "target"
     else:
-        frame_name, features, series, image_shape = load_frame(spec)
-        name = frame_name
+        name, features, series, image_shape = load_frame(spec)
         task = (
             spec.task
             if spec.task != "auto"

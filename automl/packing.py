@@ -264,9 +264,8 @@ class FusedMLP:
                     names.append((f"{name}.weight", f"{name}.bias"))
             self.keys.append(names)
         self.widths = [c.hidden_units for c in configs]
-        self.mask_buffer: torch.Tensor | None = None  # reused by _EpochMasks
-        self.gather_buffers: dict[str, torch.Tensor] = {}  # reused by _batches
-        self.eval_buffers: dict[int, torch.Tensor] = {}  # reused by forward
+        # Blocks kept from one epoch to the next (_reused): masks, gathered rows, validation.
+        self.buffers: dict[str, torch.Tensor] = {}
         # The group's generator where members do not keep their own streams (EXACT_STREAMS).
         self.group_generator = torch.Generator(device=device).manual_seed(first.seed)
         self.flat = self.flat.to(device)
@@ -284,21 +283,14 @@ class FusedMLP:
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Evaluation: ``x`` is (K, B, F) (one batch per member) or (B, F) (shared by all);
-        the output turned round, (K, C, B), as ``training.compute_metrics_stacked(...,
-        turned=True)`` takes it."""
+        """Evaluation of (B, F) inputs shared by every member: the output turned round,
+        (K, C, B), as ``training.compute_metrics_stacked(..., turned=True)`` takes it."""
         k = self.flat.shape[0]
-        h = x if x.dim() == 3 else x.expand(k, *x.shape)
+        h = x.expand(k, *x.shape)
         for layer in range(self.n_layers):
-            # Into buffers kept from one validation to the next, activated in place: the
-            # validation set's activations are megabytes, and a fresh block faults in
-            # every page on its first write (a tenth of a wide group's epoch).
-            shape = (k, h.shape[1], self.width)
-            size = math.prod(shape)
-            buffer = self.eval_buffers.get(layer)
-            if buffer is None or buffer.numel() < size:
-                buffer = self.eval_buffers[layer] = self.flat.new_empty(size)
-            out = buffer[:size].view(shape)
+            # Into reused buffers, activated in place: the validation set's activations
+            # are megabytes (a tenth of a wide group's epoch when freshly allocated).
+            out = _reused(self.buffers, f"eval{layer}", (k, h.shape[1], self.width), self.flat)
             torch.baddbmm(self.biases[layer], h, self.weights[layer], out=out)
             h = _activate_(self.activation_name, out)
         return self._output_turned(h)
@@ -392,6 +384,20 @@ class FusedMLP:
             state[wkey] = linear[:out, :inp].clone()
             state[bkey] = row[bias_columns][:out].clone()
         return state
+
+
+def _reused(
+    buffers: dict[str, torch.Tensor], key: str, shape: Sequence[int], like: torch.Tensor
+) -> torch.Tensor:
+    """An uninitialised ``shape`` tensor of ``like``'s dtype and device, carved from
+    ``buffers[key]`` (grown when too small): one block kept from one epoch to the next,
+    not a fresh allocation each time, since a block of megabytes comes from the OS anew
+    and its first write faults in every page."""
+    size = math.prod(shape)
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < size:
+        buffer = buffers[key] = torch.empty(size, dtype=like.dtype, device=like.device)
+    return buffer[:size].view(*shape)
 
 
 def _activate_(name: str, t: torch.Tensor) -> torch.Tensor:
@@ -1203,7 +1209,7 @@ def _run_fused_epoch(
     noise_scale = None
     if any(noises) and device.type not in EXACT_STREAMS:
         noise_scale = torch.tensor(noises, dtype=data.X_train.dtype).view(-1, 1, 1).to(device)
-    for step, (x, y) in enumerate(_batches(data, perms, bs, model.gather_buffers)):
+    for step, (x, y) in enumerate(_batches(data, perms, bs, model.buffers)):
         b = x.shape[1]
         if noise_scale is not None:
             x = x + noise_scale * torch.randn(
@@ -1235,11 +1241,10 @@ def _batches(
     (K, n)), as (K, b, F) inputs and (K, b, ...) targets.
 
     The rows of many steps are gathered in one ``index_select`` (a tenth of the time of
-    ``X_train[idx]``), at most GATHER_BYTES of them at once, into ``buffers`` kept from
-    one epoch to the next (a fresh block of megabytes faults in every page on its first
-    write), and each step takes a view: gathered a step at a time, the random reads of a
-    narrow group's rows cost it a tenth of its epoch (the batched products read the
-    strided views as fast as contiguous ones)."""
+    ``X_train[idx]``), at most GATHER_BYTES of them at once, into reused ``buffers``, and
+    each step takes a view: gathered a step at a time, the random reads of a narrow
+    group's rows cost it a tenth of its epoch (the batched products read the strided
+    views as fast as contiguous ones)."""
     k, n = perms.shape
     row_bytes = k * data.X_train[0].numel() * data.X_train.element_size()
     span = max(bs, GATHER_BYTES // max(row_bytes, 1) // bs * bs)
@@ -1247,22 +1252,14 @@ def _batches(
         rows = perms[:, first : first + span]
         width = rows.shape[1]
         flat = rows.reshape(-1)
-        xs = _gather(data.X_train, flat, buffers, "x").view(k, width, -1)
-        ys = _gather(data.y_train, flat, buffers, "y").view(k, width, *data.y_train.shape[1:])
+        gathered = []
+        for key, source in (("x", data.X_train), ("y", data.y_train)):
+            out = _reused(buffers, key, (flat.numel(), *source.shape[1:]), source)
+            gathered.append(torch.index_select(source, 0, flat, out=out))
+        xs = gathered[0].view(k, width, -1)
+        ys = gathered[1].view(k, width, *data.y_train.shape[1:])
         for start in range(0, width, bs):
             yield xs[:, start : start + bs], ys[:, start : start + bs]
-
-
-def _gather(
-    source: torch.Tensor, rows: torch.Tensor, buffers: dict[str, torch.Tensor], key: str
-) -> torch.Tensor:
-    """``source.index_select(0, rows)`` into ``buffers[key]``, grown when too small."""
-    shape = (rows.numel(), *source.shape[1:])
-    size = math.prod(shape)
-    buffer = buffers.get(key)
-    if buffer is None or buffer.numel() < size:
-        buffer = buffers[key] = torch.empty(size, dtype=source.dtype, device=source.device)
-    return torch.index_select(source, 0, rows, out=buffer[:size].view(shape))
 
 
 def _member_noise(model: FusedMLP, noises: Sequence[float], x: torch.Tensor) -> torch.Tensor:
@@ -1358,12 +1355,7 @@ class _EpochMasks:
         if self.shared:
             bits = random_bits(shape, device=weight.device, generator=model.group_generator)
             return (bits < self.threshold).to(weight.dtype) * self.scale
-        # One buffer for the whole training, not a fresh allocation a chunk: a large one
-        # comes from the OS each time and its first write faults in every page.
-        size = math.prod(shape)
-        if model.mask_buffer is None or model.mask_buffer.numel() < size:
-            model.mask_buffer = torch.empty(size, device=weight.device, dtype=weight.dtype)
-        block = model.mask_buffer[:size].view(shape)
+        block = _reused(model.buffers, "masks", shape, weight)  # one for the whole training
         for m, p in enumerate(self.dropouts):  # every value of the block written once
             w = model.widths[m]
             if w < width:

@@ -429,19 +429,25 @@ def test_data_seed_is_found_from_the_trials_seed(
     assert data_seed(study, trial, space) == (run_seed or 0)
 
 
+def _search_once(folder: Path, space_text: str) -> str:
+    """Run one trial of ``space_text`` (written to ``folder``) through the CLI; the storage."""
+    space = folder / "space.yaml"
+    space.write_text(space_text)
+    url = f"sqlite:///{folder / 'study.db'}"
+    result = runner.invoke(app, ["run", str(space), "--n-trials", "1", "--storage", url])
+    assert result.exit_code == 0, result.output
+    return url
+
+
 def test_a_stored_space_with_a_bundled_dataset_and_a_target_still_retrains(
     tmp_path: Path,
 ) -> None:
     """Earlier versions accepted (and ignored) ``data.target`` beside a bundled dataset;
     a space file saying so is refused now, but a study that stored one still retrains."""
-    space = tmp_path / "iris.yaml"
-    space.write_text(
+    url = _search_once(
+        tmp_path,
         "name: old-iris\ndata:\n  dataset: iris\ntrain: {epochs: 1}\n"
-        "space: {hidden_units: [8], batch_size: [32]}\n"
-    )
-    url = f"sqlite:///{tmp_path / 'old.db'}"
-    assert (
-        runner.invoke(app, ["run", str(space), "--n-trials", "1", "--storage", url]).exit_code == 0
+        "space: {hidden_units: [8], batch_size: [32]}\n",
     )
     study = load_study("old-iris", url)
     old = study.user_attrs["space"].replace("dataset: iris", "dataset: iris\n  target: species")
@@ -460,14 +466,10 @@ def test_a_stored_space_with_a_bundled_dataset_and_a_target_still_retrains(
 def test_a_model_trained_without_a_header_predicts_files_without_one(tmp_path: Path) -> None:
     rows = [f"{i % 7},{(i * 3) % 5},{'a' if i % 7 > 3 else 'b'}" for i in range(120)]
     (tmp_path / "plain.csv").write_text("\n".join(rows) + "\n")
-    space = tmp_path / "plain.yaml"
-    space.write_text(
+    url = _search_once(
+        tmp_path,
         "name: plain\ndata: {path: plain.csv, header: false, target: x2}\n"
-        "train: {epochs: 2}\nspace: {hidden_units: [8], batch_size: [32]}\n"
-    )
-    url = f"sqlite:///{tmp_path / 'plain.db'}"
-    assert (
-        runner.invoke(app, ["run", str(space), "--n-trials", "1", "--storage", url]).exit_code == 0
+        "train: {epochs: 2}\nspace: {hidden_units: [8], batch_size: [32]}\n",
     )
     model = tmp_path / "plain.pt"
     result = runner.invoke(app, ["retrain", "plain", "--storage", url, "-o", str(model)])
