@@ -206,8 +206,9 @@ def retrain(
 
     trial = pick_trial(study, trial_number)
     space = study_space(study)
-    config = trial_config(study, trial, space)
     dataset = load_dataset(space.data, seed=data_seed(study, trial, space))
+    space = space.for_task(dataset.task)
+    config = trial_config(study, trial, space)
     dev = resolve_device(device)
     configure_threads(dev)  # one thread on CPU, as the search: small models lose with more
     epochs = retrain_epochs(trial, config)

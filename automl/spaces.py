@@ -62,6 +62,8 @@ LOSS_PARAMS: dict[str, tuple[str, ...]] = {
 }
 CLASSIFICATION_LOSSES = frozenset(LOSS_PARAMS)
 REGRESSION_LOSSES = frozenset({"mse", "huber", "l1", "smooth_l1"})
+# The loss of a space file that names none, by task.
+DEFAULT_LOSSES = {"classification": "cross_entropy", "regression": "mse"}
 
 ACTIVATIONS = ("relu", "tanh", "gelu", "silu", "leaky_relu", "elu")
 LR_SCHEDULES = ("none", "step", "exponential", "inverse_time", "cosine", "plateau")
@@ -421,6 +423,7 @@ class Space:
     params: dict[str, Distribution]
     source: str = ""  # the YAML text it was loaded from (or made into)
     path: str | None = None
+    loss_given: bool = True  # False: the file names no loss, the task's default applies
 
     @property
     def directions(self) -> list[str]:
@@ -433,6 +436,17 @@ class Space:
     @property
     def hash(self) -> str:
         return hashlib.sha256(self.source.encode()).hexdigest()[:16]
+
+    def for_task(self, task: str) -> Space:
+        """The space for data whose task is now known: without a loss in the file, the
+        task's default loss (mse for regression, cross_entropy for classification). A
+        data file's task is found only when it is read (task: auto)."""
+        default = DEFAULT_LOSSES.get(task)
+        if self.loss_given or default is None or self.loss.names == (default,):
+            return self
+        from dataclasses import replace
+
+        return replace(self, loss=Choice({default: {}}))
 
     def to_dict(self) -> dict[str, Any]:
         """The space as a plain mapping in the file format (for storing and diffing)."""
@@ -824,9 +838,9 @@ def parse_space(raw: Any, *, file: str = "space", source: str | None = None) -> 
         "optimizer",
         errors,
     )
-    loss_default = (
-        "mse" if data is not None and data.known_task == "regression" else "cross_entropy"
-    )
+    loss_default = DEFAULT_LOSSES[
+        data.known_task if data is not None and data.known_task else "classification"
+    ]
     loss = _parse_choice(
         space_raw.get("loss", loss_default), "space.loss", LOSS_PARAMS, LOSS_RULES, "loss", errors
     )
@@ -902,6 +916,7 @@ def parse_space(raw: Any, *, file: str = "space", source: str | None = None) -> 
         params=params,
         source=source if source is not None else yaml.safe_dump(dict(raw), sort_keys=False),
         path=None,
+        loss_given="loss" in space_raw,
     )
 
 

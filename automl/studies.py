@@ -604,6 +604,7 @@ def run_study(space: Space, options: RunOptions, observer: RunObserver | None = 
     configure_threads(device)
     # Bad data is bad input: find it before anything is written to the storage.
     dataset = load_dataset(space.data, seed=seed or 0)
+    space = space.for_task(dataset.task)
     check_task_fit(
         dataset.task, space.loss.names, space.objectives, n_classes=dataset.n_classes or None
     )

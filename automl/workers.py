@@ -143,6 +143,7 @@ def prepare_study(space: Space, study_name: str, storage_url: str, *, seed: int 
 
     seed = seed if seed is not None else space.study.seed
     dataset = load_dataset(space.data, seed=seed or 0)
+    space = space.for_task(dataset.task)
     check_task_fit(
         dataset.task, space.loss.names, space.objectives, n_classes=dataset.n_classes or None
     )

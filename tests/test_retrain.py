@@ -394,6 +394,27 @@ def test_regression_predicts_in_the_targets_units(tmp_path: Path) -> None:
     assert "--proba needs a classification model" in proba.stderr
 
 
+def test_a_regression_csv_without_a_loss_trains_with_mse(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A data file's task is found when it is read (task: auto): a space that names no
+    loss then takes the regression default, from the flags alone too, and retrain keeps it."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(80, 2))
+    frame = pd.DataFrame({"a": x[:, 0], "b": x[:, 1], "price": 5000 + 300 * x[:, 0]})
+    frame.to_csv(tmp_path / "prices.csv", index=False)
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    args = ["run", "--data", "prices.csv", "--target", "price", "--epochs", "2"]
+    result = runner.invoke(app, [*args, "--n-trials", "1", "--storage", url])
+    assert result.exit_code == 0, result.stderr
+    study = load_study("prices", url)
+    assert "val_rmse" in study.trials[0].user_attrs  # a regression trial, trained
+    out = runner.invoke(app, ["retrain", "prices", "--storage", url, "-o", "m.pt"])
+    assert out.exit_code == 0, out.stderr
+    assert torch.load("m.pt", weights_only=False)["config"]["loss"] == "mse"
+
+
 def test_cnn_model_predicts_images(tmp_path: Path) -> None:
     from sklearn.datasets import load_digits
 
