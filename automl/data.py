@@ -115,8 +115,10 @@ class Preprocessor:
         values = np.where(np.isnan(values), np.asarray(self.medians, dtype=np.float64), values)
         return (values - np.asarray(self.means)) / np.asarray(self.scales)
 
-    def transform(self, frame: pd.DataFrame) -> np.ndarray:
-        """Features as float32, in the order fixed by ``fit``."""
+    def transform(self, frame: pd.DataFrame, *, warn: str | None = None) -> np.ndarray:
+        """Features as float32, in the order fixed by ``fit``. With ``warn`` (the file's
+        name), say how many values of a column could not be used as trained: text in a
+        numeric column (read as missing), categories never seen in training (all zeros)."""
         missing = [c for c in self.feature_columns if c not in frame.columns]
         if missing:
             raise DataError(
@@ -125,18 +127,46 @@ class Preprocessor:
         n = len(frame)
         parts: list[np.ndarray] = []
         if self.numeric:
-            parts.append(self.scale_values(_numeric_block(frame, self.numeric)))
+            values = _numeric_block(frame, self.numeric)
+            if warn is not None:
+                given = frame[self.numeric].notna().to_numpy()
+                lost = (given & np.isnan(values)).sum(axis=0)
+                for col, count in zip(self.numeric, lost, strict=True):
+                    if count:
+                        log.warning(
+                            "%s: %d value(s) of numeric column '%s' are not numbers; they "
+                            "are read as missing",
+                            warn,
+                            count,
+                            col,
+                        )
+            parts.append(self.scale_values(values))
         text = _text_block(frame, self.categorical) if self.categorical else None
-        for j, _col in enumerate(self.categorical):
+        for j, col in enumerate(self.categorical):
             assert text is not None
             column = text[:, j]
             strings = np.where(_is_missing(column), self.modes[j], column)
-            index = {c: i for i, c in enumerate(self.categories[j])}
+            index, numbers = _category_index(self.categories[j])
             block = np.zeros((n, len(index)), dtype=np.float64)
+            unseen: Counter[str] = Counter()
             for row, value in enumerate(strings):
-                i = index.get(value)  # unknown categories are all zeros
+                i = index.get(value)
+                if i is None:  # 2.0 read where training read 2 (a column pandas saw as floats)
+                    i = numbers.get(_number_key(value))
                 if i is not None:
                     block[row, i] = 1.0
+                else:  # unknown categories are all zeros
+                    unseen[value] += 1
+            if unseen and warn is not None:
+                shown = ", ".join(repr(v) for v, _ in unseen.most_common(5))
+                log.warning(
+                    "%s: %d value(s) of column '%s' are categories not seen in training "
+                    "(%s); they are encoded as none of the known ones",
+                    warn,
+                    sum(unseen.values()),
+                    col,
+                    shown,
+                )
             parts.append(block)
         out = np.concatenate(parts, axis=1) if parts else np.zeros((n, 0))
         return out.astype(np.float32)
@@ -299,6 +329,28 @@ def _text_block(frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
         column[present] = series[present].astype(str).to_numpy()
         block[:, j] = column
     return block
+
+
+def _number_key(text: str) -> float | None:
+    """The number a category's text writes (``2``, ``2.0``, ``02``), or None."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _category_index(categories: Sequence[str]) -> tuple[dict[str, int], dict[float | None, int]]:
+    """Each category's position, by its text and, for numbers that only one category
+    writes, by its value: a column of codes read as integers in training (``2``) and as
+    floats in a file where a value is missing (``2.0``) names the same category."""
+    index = {c: i for i, c in enumerate(categories)}
+    by_value: dict[float | None, list[int]] = {}
+    for text, i in index.items():
+        key = _number_key(text)
+        if key is not None:
+            by_value.setdefault(key, []).append(i)
+    return index, {k: v[0] for k, v in by_value.items() if len(v) == 1}
 
 
 def _is_missing(column: np.ndarray) -> np.ndarray:
@@ -505,15 +557,41 @@ def _sniff_csv(p: Path, sample_bytes: int = 64 * 1024) -> tuple[str, str]:
 def _read_npz(p: Path) -> tuple[pd.DataFrame, list[int] | None]:
     import pandas as pd
 
-    with np.load(p, allow_pickle=False) as arrays:
+    try:
+        loaded = np.load(p, allow_pickle=False)
+    except ValueError as exc:
+        if "pickle" not in str(exc):
+            raise
+        raise DataError(
+            f"{p}: not an NPZ archive of arrays; save one with numpy.savez(path, X=..., y=...)"
+        ) from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):  # a single .npy array renamed .npz
+        raise DataError(
+            f"{p}: holds a single array, not an NPZ archive; save one with "
+            "numpy.savez(path, X=..., y=...)"
+        )
+    with loaded as arrays:
         if "X" not in arrays:
             raise DataError(f"{p}: an NPZ file needs an array named X (and y for training)")
-        X = np.asarray(arrays["X"])
-        y = np.asarray(arrays["y"]) if "y" in arrays else None
+        try:
+            X = np.asarray(arrays["X"])
+            y = np.asarray(arrays["y"]) if "y" in arrays else None
+        except ValueError as exc:
+            if "pickle" not in str(exc):
+                raise
+            raise DataError(
+                f"{p}: X and y must be arrays of numbers or text, not Python objects; save "
+                "text labels with y.astype(str)"
+            ) from None
     if X.ndim not in (2, 3, 4) or X.shape[0] == 0:
         raise DataError(f"{p}: X must be NxF, NxHxW or NxCxHxW with N > 0, got {X.shape}")
-    if not np.issubdtype(X.dtype, np.number):
-        raise DataError(f"{p}: X must be numeric, got dtype {X.dtype}")
+    if not np.issubdtype(X.dtype, np.number) or np.iscomplexobj(X):
+        raise DataError(f"{p}: X must be real numbers, got dtype {X.dtype}")
+    if y is not None and y.ndim > 1 and math.prod(y.shape[1:]) != 1:
+        raise DataError(
+            f"{p}: y must hold one value per row, got shape {y.shape}; for one-hot labels "
+            "save y.argmax(axis=1)"
+        )
     image_shape: list[int] | None = None
     if X.ndim == 3:
         image_shape = [1, int(X.shape[1]), int(X.shape[2])]

@@ -520,7 +520,7 @@ def predict_frame(
         )
     if proba and loaded.task != "classification":
         raise UsageError("--proba needs a classification model; this one does regression")
-    X = pre.transform(frame)
+    X = pre.transform(frame, warn=source)
     x = torch.from_numpy(X).reshape((len(X), *loaded.input_shape))
     with torch.no_grad():
         out = loaded.model(x)

@@ -256,9 +256,22 @@ CORPUS: list[Case] = [
     Case(
         "data-npz-with-pickled-objects",
         ("run", "--data", "objects.npz", "--epochs", "1"),
-        "allow_pickle=False",
+        "not Python objects; save text labels with y.astype(str)",
         {"objects.npz": _npz(X=np.array([{"a": 1}] * 10, dtype=object), y=np.arange(10) % 2)},
     ),
+    Case(
+        "data-npz-one-hot-y",
+        ("run", "--data", "onehot.npz", "--epochs", "1"),
+        "y must hold one value per row, got shape (10, 2); for one-hot labels save y.argmax",
+        {"onehot.npz": _npz(X=np.ones((10, 3)), y=np.eye(2)[np.arange(10) % 2])},
+    ),
+    Case(
+        "data-npz-complex-x",
+        ("run", "--data", "complex.npz", "--epochs", "1"),
+        "X must be real numbers, got dtype complex128",
+        {"complex.npz": _npz(X=np.ones((10, 3)) * 1j, y=np.arange(10) % 2)},
+    ),
+    run_data("npz-not-an-archive", "junk.npz", b"garbage" * 50, "not an NPZ archive of arrays"),
     run_data("empty-csv", "empty.csv", "", "the file is empty"),
     run_data("header-only", "header.csv", "a,b,y\n", "has a header but no rows"),
     run_data("target-missing", "t.csv", csv_rows(30).replace(",y\n", ",yy\n", 1), "'y' is not"),

@@ -247,6 +247,34 @@ def test_a_text_column_unique_in_every_row_gets_a_warning(
     assert data.preprocessor.categorical == ["name", "colour"]  # a warning, not a change
 
 
+def test_codes_read_as_floats_where_a_value_is_missing_keep_their_categories(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Training read a column of codes as text ('1', '2', 'x'); a new file whose column
+    has an empty cell is read by pandas as floats (1.0, 2.0, NaN): the same categories.
+    What cannot be used as trained is said, with the file's name."""
+    train = pd.DataFrame({"a": [0.5, 1.5, 2.5, 3.5], "grade": ["1", "2", "x", "2"]})
+    pre = Preprocessor().fit(train)
+    assert pre.categorical == ["grade"] and pre.categories == [["1", "2", "x"]]
+    as_text = pre.transform(pd.DataFrame({"a": [1.0, 2.0, 3.0], "grade": ["2", "1", "2"]}))
+    new = pd.DataFrame({"a": ["1", "2", "oops"], "grade": [2.0, 1.0, np.nan]})
+    with caplog.at_level("WARNING"):
+        as_floats = pre.transform(new, warn="new.csv")
+    assert np.array_equal(as_floats[:2, 1:], as_text[:2, 1:])  # 2.0 -> '2', 1.0 -> '1'
+    assert as_floats[2, 1:].tolist() == [0.0, 1.0, 0.0]  # missing: the mode, '2'
+    assert "new.csv: 1 value(s) of numeric column 'a' are not numbers" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        unseen = pre.transform(pd.DataFrame({"a": [1.0], "grade": ["zz"]}), warn="f.csv")
+    assert unseen[0, 1:].tolist() == [0.0, 0.0, 0.0]
+    assert "f.csv: 1 value(s) of column 'grade' are categories not seen in training ('zz')" in (
+        caplog.text
+    )
+    # Codes that two categories write alike ('01' and '1') are matched by text only.
+    twins = Preprocessor().fit(pd.DataFrame({"a": [1.0, 2.0], "c": ["01", "1"]}))
+    assert twins.transform(pd.DataFrame({"a": [1.0], "c": [1.0]}))[0, 1:].tolist() == [0, 0]
+
+
 def test_question_marks_in_a_csv_are_missing_values(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
