@@ -460,6 +460,8 @@ def read_table(path: str | Path, *, header: bool = True) -> tuple[pd.DataFrame, 
                 raise DataError(f"{p}: the file is empty; it needs a header and rows") from None
             if frame.empty:
                 raise DataError(f"{p}: has a header but no rows")
+            if header:
+                _refuse_duplicate_names(p, frame, sep)
             frame.columns = (
                 [str(c).strip() for c in frame.columns]
                 if header
@@ -493,6 +495,31 @@ def read_table(path: str | Path, *, header: bool = True) -> tuple[pd.DataFrame, 
         ".parquet or .npz"
     )
 
+
+def _refuse_duplicate_names(p: Path, frame: pd.DataFrame, sep: str) -> None:
+    """Refuse a CSV header that names a column twice: pandas renames the second ``a`` to
+    ``a.1``, so ``data.drop: [a]`` would drop one and train on the other."""
+    import pandas as pd
+
+    stripped = [str(c).strip() for c in frame.columns]
+    names = set(stripped)
+    if len(names) < len(stripped):  # 'a' and 'a ' are both a
+        header = stripped
+    elif any(m and m.group(1) in names for m in map(_MANGLED.match, names)):
+        # (the header is read again only where pandas may have renamed a column)
+        header = [str(c).strip() for c in pd.read_csv(p, sep=sep, header=None, nrows=1).iloc[0]]
+    else:
+        return
+    counts = Counter(header)
+    twice = [name for name, n in counts.items() if n > 1]
+    if twice:
+        raise DataError(
+            f"{p}: the header names column '{twice[0]}' {counts[twice[0]]} times; give "
+            "every column its own name"
+        )
+
+
+_MANGLED = re.compile(r"^(.*)\.\d+$")
 
 # Read as missing in a CSV besides pandas' own markers (NA, NaN, null, empty, ...): '?',
 # as the UCI repository's files write it (a numeric column with '?' would become text).

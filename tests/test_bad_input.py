@@ -272,6 +272,18 @@ CORPUS: list[Case] = [
         {"complex.npz": _npz(X=np.ones((10, 3)) * 1j, y=np.arange(10) % 2)},
     ),
     run_data("npz-not-an-archive", "junk.npz", b"garbage" * 50, "not an NPZ archive of arrays"),
+    run_data(
+        "duplicate-column",
+        "dup.csv",
+        "a,b,a,y\n" + "1,2,3,0\n4,5,6,1\n" * 15,
+        "dup.csv: the header names column 'a' 2 times; give every column its own name",
+    ),
+    run_data(
+        "duplicate-after-strip",
+        "dup2.csv",
+        "a,a ,y\n" + "1,3,0\n4,6,1\n" * 15,
+        "the header names column 'a' 2 times",
+    ),
     run_data("empty-csv", "empty.csv", "", "the file is empty"),
     run_data("header-only", "header.csv", "a,b,y\n", "has a header but no rows"),
     run_data("target-missing", "t.csv", csv_rows(30).replace(",y\n", ",yy\n", 1), "'y' is not"),
