@@ -785,15 +785,18 @@ def predict_cmd(
     model_file: Annotated[Path, typer.Argument(metavar="MODEL_FILE", help="From retrain.")],
     data_file: Annotated[Path, typer.Argument(metavar="DATA_FILE", help="CSV, Parquet or NPZ.")],
     output: Annotated[
-        Optional[Path], typer.Option("-o", "--output", help="CSV file (else stdout).")
+        Optional[Path],
+        typer.Option("-o", "--output", help="CSV or .parquet file (else CSV to stdout)."),
     ] = None,
     proba: Annotated[
         bool, typer.Option("--proba", help="Add one probability column per class.")
     ] = False,
 ) -> None:
     """Predict every row of a data file with a model file; CSV in the input's row order."""
-    from automl.retrain import predict_file, write_predictions
+    from automl.retrain import predict_file, prediction_format, write_predictions
 
+    if output is not None:  # a bad output is bad input: before the work
+        prediction_format(output, (data_file, model_file))
     prediction = predict_file(model_file, data_file, proba=proba)
     text = write_predictions(prediction, output)
     if text is not None:

@@ -561,14 +561,59 @@ def _label_series(labels: np.ndarray, classes: list[Any]) -> Any:
     return pd.Series(labels, dtype=object)
 
 
+# The file types predictions are written as, by the output's suffix (compressed CSV:
+# .csv.gz and the like, by pandas).
+PREDICTION_FORMATS = {
+    "": "csv",
+    ".csv": "csv",
+    ".txt": "csv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+
+
+def prediction_format(output: Path, inputs: tuple[Path, ...] = ()) -> str:
+    """The format predictions go to ``output`` in (PREDICTION_FORMATS), checked before
+    any work: not a folder, not one of the ``inputs`` (``-o data.csv`` would replace the
+    user's data with a column of predictions), a known file type."""
+    if output.is_dir():
+        raise UsageError(
+            f"-o {output}: is a folder; name a file, e.g. {output / 'predictions.csv'}"
+        )
+    for source in inputs:
+        if output.exists() and source.exists() and os.path.samefile(output, source):
+            raise UsageError(
+                f"-o {output}: is the input file {source}; write the predictions to another file"
+            )
+    suffixes = [x.lower() for x in output.suffixes[-2:]]
+    if len(suffixes) == 2 and suffixes[0] == ".csv" and suffixes[1] in (".gz", ".bz2", ".xz"):
+        return "csv"
+    kind = PREDICTION_FORMATS.get(output.suffix.lower())
+    if kind is None:
+        raise UsageError(
+            f"-o {output}: unknown file type '{output.suffix}'; use .csv (or .csv.gz) or .parquet"
+        )
+    return kind
+
+
 def write_predictions(prediction: Prediction, output: str | Path | None) -> str | None:
-    """CSV to ``output``; with no output, the CSV text (for stdout)."""
+    """CSV or Parquet (by the suffix) to ``output``, whole or not at all (through a
+    temporary file); with no output, the CSV text (for stdout)."""
     if output is None:
         return str(prediction.frame.to_csv(index=False))
     path = Path(output)
+    kind = prediction_format(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        prediction.frame.to_csv(path, index=False)
+        if kind == "parquet":
+            prediction.frame.to_parquet(tmp, index=False)
+        else:
+            compression = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz"}.get(path.suffix.lower())
+            prediction.frame.to_csv(tmp, index=False, compression=compression)
+        os.replace(tmp, path)
     except OSError as exc:
         raise AutomlError(f"cannot write {path}: {exc.strerror}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return None

@@ -275,6 +275,27 @@ def test_predict_proba_to_a_file_and_parquet(model_file: Path, tmp_path: Path) -
     assert (np.array(classes)[probs.argmax(axis=1)] == pred["prediction"]).all()
 
 
+def test_predict_writes_parquet_and_never_over_its_inputs(model_file: Path, tmp_path: Path) -> None:
+    data = tmp_path / "in.csv"
+    _flowers().to_csv(data, index=False)
+    before = data.read_bytes()
+    out = tmp_path / "pred.parquet"
+    result = runner.invoke(app, ["predict", str(model_file), str(data), "-o", str(out)])
+    assert result.exit_code == 0, result.stderr
+    assert len(pd.read_parquet(out)) == 150  # Parquet, as the name says
+    for target, message in [
+        (data, "is the input file"),  # would replace the user's data with predictions
+        (model_file, "is the input file"),
+        (tmp_path, "is a folder; name a file"),
+        (tmp_path / "p.npz", "unknown file type '.npz'; use .csv (or .csv.gz) or .parquet"),
+    ]:
+        refused = runner.invoke(app, ["predict", str(model_file), str(data), "-o", str(target)])
+        assert refused.exit_code == 2, (target, refused.stderr)
+        assert message in refused.stderr
+    assert data.read_bytes() == before
+    assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left behind
+
+
 def test_predict_missing_column_is_bad_input(model_file: Path, tmp_path: Path) -> None:
     frame = _flowers().drop(columns=["petal width (cm)"])
     frame.to_csv(tmp_path / "in.csv", index=False)
