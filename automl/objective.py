@@ -147,7 +147,9 @@ def set_user_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
 def trial_attrs(config: TrialConfig, metrics: dict[str, float], *, device: str) -> dict[str, Any]:
     """The user attributes every finished trial carries."""
     attrs: dict[str, Any] = {
-        k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v)
+        # Seven significant digits, not six decimals: a target measured in 1e-9 units
+        # has metrics of that order, which six decimals would round to 0.
+        k: (float(f"{v:.7g}") if isinstance(v, float) and math.isfinite(v) else v)
         for k, v in metrics.items()
         if k != "lr"
     }

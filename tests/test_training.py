@@ -561,3 +561,15 @@ def test_a_training_process_never_imports_torch_dynamo() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"  # it costs about 1 s to import (BENCHMARKS.md)
+
+
+def test_trial_attributes_keep_significant_digits_of_small_metrics() -> None:
+    """A target measured in tiny units has tiny metrics: kept to 7 significant digits,
+    not rounded to 0 by a fixed number of decimals."""
+    from automl.objective import trial_attrs
+
+    metrics = {"val_rmse": 1.234567891e-9, "val_loss": 123456.789, "val_r2": float("nan")}
+    attrs = trial_attrs(TrialConfig(), metrics, device="cpu")
+    assert attrs["val_rmse"] == 1.234568e-9
+    assert attrs["val_loss"] == 123456.8
+    assert math.isnan(attrs["val_r2"])
