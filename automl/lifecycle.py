@@ -179,8 +179,22 @@ def check_space_change(study: optuna.Study, space: Space, *, allow: bool) -> lis
     then records the new space. Returns the diff lines."""
     import yaml
 
+    name = study.study_name
+    # Everything that refuses the run comes before the first write: a refused run leaves
+    # the study as it was.
+    directions = [d.name.lower() for d in study.directions]
+    if directions != space.directions:
+        raise UsageError(
+            f"study '{name}' optimizes {directions} but the space asks {space.directions}; "
+            "use another --study name"
+        )
     old_source = study.user_attrs.get("space")
     if old_source is None:
+        if study.get_trials(deepcopy=False):
+            raise UsageError(
+                f"study '{name}' was not made by automl (it keeps no space file); use "
+                "another --study name"
+            )
         study.set_user_attr("space", space.source)
         study.set_user_attr("space_hash", space.hash)
         return []
@@ -196,7 +210,6 @@ def check_space_change(study: optuna.Study, space: Space, *, allow: bool) -> lis
         study.set_user_attr("space", space.source)
         study.set_user_attr("space_hash", space.hash)
         return []
-    name = study.study_name
     conflicts = optuna_conflicts(old, space)
     if conflicts:
         raise UsageError(

@@ -482,6 +482,30 @@ def test_a_changed_space_warns_and_a_changed_objective_is_refused(
     assert len(study.user_attrs["space_history"]) == 2
 
 
+def test_a_refused_run_leaves_the_stored_space_as_it_was(
+    tiny_space: Path, storage_url: str
+) -> None:
+    base = ["run", str(tiny_space), "--storage", storage_url, "--n-trials", "1"]
+    assert runner.invoke(app, base).exit_code == 0
+    before = optuna.load_study(study_name="tiny", storage=storage_url).user_attrs
+    text = tiny_space.read_text()
+    tiny_space.write_text(text.replace("objective: val_accuracy", "objective: val_loss"))
+    other_direction = runner.invoke(app, [*base, "--allow-space-change"])
+    assert other_direction.exit_code == 2
+    assert "optimizes ['maximize'] but the space asks ['minimize']" in _flat(other_direction.stderr)
+    assert optuna.load_study(study_name="tiny", storage=storage_url).user_attrs == before
+    tiny_space.write_text(text)
+    assert runner.invoke(app, base).exit_code == 0  # the study still takes its own space
+
+    # A study of the same name made by plain Optuna is not taken over.
+    foreign = optuna.create_study(study_name="foreign", storage=storage_url, direction="maximize")
+    foreign.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+    refused = runner.invoke(app, [*base, "--study", "foreign"])
+    assert refused.exit_code == 2
+    assert "study 'foreign' was not made by automl" in _flat(refused.stderr)
+    assert optuna.load_study(study_name="foreign", storage=storage_url).user_attrs == {}
+
+
 # --------------------------------------------------------------------------- warm start
 
 
