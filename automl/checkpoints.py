@@ -15,6 +15,7 @@ Every file holds only tensors, numbers, strings, lists and dicts, so it loads wi
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -45,8 +46,13 @@ def checkpoint_root(storage_url: str) -> Path:
 
 
 def study_checkpoint_dir(storage_url: str, study_name: str) -> Path:
-    """The folder of one study's checkpoints (the name made safe for a file system)."""
-    safe = _UNSAFE.sub("_", study_name).strip(".") or "study"
+    """The folder of one study's checkpoints: its name where that is a safe file name,
+    else the name made safe (at most 64 characters) and a hash of the name itself, so that
+    'exp/1', 'exp 1' and 'exp_1' never share a folder (nor one another's weights)."""
+    safe = _UNSAFE.sub("_", study_name).strip(".")
+    if safe != study_name or len(safe) > 64:
+        digest = hashlib.sha256(study_name.encode()).hexdigest()[:12]
+        safe = f"{safe[:64] or 'study'}-{digest}"
     return checkpoint_root(storage_url) / safe
 
 

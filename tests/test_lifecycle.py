@@ -191,7 +191,12 @@ def test_checkpoints_live_beside_a_sqlite_storage(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     url = f"sqlite:///{tmp_path}/x.db"
-    assert study_checkpoint_dir(url, "a/b c") == tmp_path / "x.db.checkpoints" / "a_b_c"
+    assert study_checkpoint_dir(url, "ok_name-1.2") == tmp_path / "x.db.checkpoints" / "ok_name-1.2"
+    # Names made safe keep a hash of themselves: 'a/b c' and 'a b/c' never share weights.
+    folders = {study_checkpoint_dir(url, n) for n in ("a/b c", "a b/c", "a_b_c", "a b c")}
+    assert len(folders) == 4
+    assert study_checkpoint_dir(url, "a/b c").name.startswith("a_b_c-")
+    assert len(study_checkpoint_dir(url, "x" * 300).name) == 64 + 13  # within NAME_MAX
     pg = "postgresql+psycopg://u:p@h/db"
     assert study_checkpoint_dir(pg, "s") == Path("studies/checkpoints/s")
     monkeypatch.setenv("AUTOML_CHECKPOINT_DIR", str(tmp_path / "shared"))
