@@ -85,6 +85,51 @@ def _journal_path(url: str) -> str | None:
     return None
 
 
+def _check_journal(path: Path, *, settle: float = 0.2) -> None:
+    """Refuse (before anything is appended to it) a file that is not an Optuna journal,
+    and a journal whose last record was cut off (a process killed mid-write, a full
+    disk): a record appended to that line would glue onto it and break the whole file."""
+    import json
+
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return  # a new journal
+    if size == 0:
+        return
+    with path.open("rb") as fh:
+        first = fh.readline(1 << 20)
+    try:
+        record = json.loads(first)
+    except ValueError:
+        record = None
+    if not isinstance(record, dict) or "op_code" not in record:
+        raise StorageError(
+            f"{path}: is not an Optuna journal file (its first line is not a journal "
+            "record); name a new file or the study's own journal",
+            bad_input=True,
+        )
+    for attempt in range(2):
+        with path.open("rb") as fh:
+            fh.seek(max(0, path.stat().st_size - (1 << 20)))
+            tail = fh.read()
+            end = fh.tell()
+        if tail.endswith(b"\n"):
+            return
+        if attempt == 0:
+            time.sleep(settle)  # another process may be writing that record right now
+    start = end - len(tail)
+    fix = "cut the partial last line off"
+    if b"\n" in tail or start == 0:
+        keep = start + tail.rfind(b"\n") + 1
+        fix += f" with `truncate -s {keep} {path}`"
+    raise StorageError(
+        f"{path}: its last record is cut off (a process was killed while writing it, or "
+        f"the disk filled up); the records before it are whole: {fix} and run again",
+        bad_input=True,
+    )
+
+
 def open_storage(url: str, *, create: bool = True) -> BaseStorage:
     """Open any storage Optuna accepts: SQLAlchemy URLs, ``journal:FILE`` or ``*.log``
     (Optuna's JournalFileBackend), and ``grpc://host:port`` (Optuna's storage proxy).
@@ -94,8 +139,16 @@ def open_storage(url: str, *, create: bool = True) -> BaseStorage:
     masked = mask_url(url)
     journal = _journal_path(url)
     if journal is not None:
+        if not journal.strip():
+            raise StorageError(
+                f"malformed storage URL '{masked}': no file name; use journal:FILE.log",
+                bad_input=True,
+            )
         if not create and not Path(journal).exists():
             raise StorageError(f"no journal file at {journal}; run a study first", bad_input=True)
+        if Path(journal).is_dir():
+            raise StorageError(f"{journal}: is a folder, not a journal file", bad_input=True)
+        _check_journal(Path(journal))
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
         _make_parent(Path(journal))

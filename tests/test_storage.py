@@ -51,6 +51,29 @@ def test_a_journal_file_is_a_storage_for_every_command(tiny_space: Path) -> None
     assert best.exit_code == 0 and json.loads(best.stdout)["number"] in (0, 1)
 
 
+def test_a_file_that_is_not_a_whole_journal_is_refused_untouched(tiny_space: Path) -> None:
+    runner = CliRunner()
+    Path("app.log").write_text("my app's own log line\n")
+    base = ["run", str(tiny_space), "--n-trials", "1", "--storage"]
+    refused = runner.invoke(app, [*base, "app.log"])
+    assert refused.exit_code == 2
+    assert "app.log: is not an Optuna journal file" in refused.stderr
+    assert Path("app.log").read_text() == "my app's own log line\n"
+    assert runner.invoke(app, [*base, "j.log"]).exit_code == 0
+    whole = Path("j.log").read_bytes()
+    Path("j.log").write_bytes(whole[:-20])  # a process killed mid-record
+    cut = runner.invoke(app, [*base, "j.log"])
+    assert cut.exit_code == 2
+    keep = whole.rstrip(b"\n").rfind(b"\n") + 1
+    assert "its last record is cut off" in cut.stderr
+    assert f"truncate -s {keep} j.log" in " ".join(cut.stderr.split())
+    assert Path("j.log").read_bytes() == whole[:-20]  # nothing glued onto the cut record
+    Path("j.log").write_bytes(whole[:keep])  # as the message says
+    assert runner.invoke(app, [*base, "j.log"]).exit_code == 0
+    empty = runner.invoke(app, [*base, "journal:"])
+    assert empty.exit_code == 2 and "no file name" in empty.stderr
+
+
 def test_reading_a_missing_journal_creates_nothing() -> None:
     runner = CliRunner()
     assert (
