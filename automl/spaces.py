@@ -450,7 +450,7 @@ class Space:
 
     def to_dict(self) -> dict[str, Any]:
         """The space as a plain mapping in the file format (for storing and diffing)."""
-        return yaml.safe_load(self.source) if self.source else {}
+        return yaml.load(self.source, Loader=_SpaceLoader) if self.source else {}  # noqa: S506
 
 
 @dataclass(frozen=True)
@@ -973,10 +973,37 @@ def _all_distributions(
     return out
 
 
+class _SpaceLoader(yaml.SafeLoader):
+    """YAML's safe loader, with two rules a space file's author expects: a key given
+    twice in one mapping is an error (YAML keeps the last one silently), and 1e-5 is a
+    number (YAML 1.1 reads exponents without a dot, 1e-5 but not 1.0e-5, as text)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"'{key}' is given twice in one mapping; keep one",
+                    key_node.start_mark,
+                )
+            seen.add(key) if isinstance(key, str | int | float | bool) else None
+        return super().construct_mapping(node, deep=deep)
+
+
+_SpaceLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def load_yaml(text: str, *, file: str) -> Any:
     """Parse YAML safely: tags such as !!python/object never construct anything."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_SpaceLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(top)"

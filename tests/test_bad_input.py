@@ -81,6 +81,11 @@ GOOD = space()
 CORPUS: list[Case] = [
     # ---- space files: YAML itself
     run_space("tabs", "data:\n\tdataset: iris\n", "tabs are not allowed"),
+    run_space(
+        "duplicate-key",
+        "data: {dataset: iris}\nspace:\n  batch_size: [16, 32]\n  batch_size: 64\n",
+        "line 4, column 3: invalid YAML: 'batch_size' is given twice in one mapping; keep one",
+    ),
     run_space("unclosed", "data: {dataset: iris\nspace: {lr: [1, 2\n", "invalid YAML"),
     run_space("empty", "", "the file is empty"),
     run_space("comments-only", "# nothing here\n", "the file is empty"),

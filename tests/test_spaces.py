@@ -206,6 +206,26 @@ def test_load_space_reports_yaml_errors_with_position(tmp_path: Path) -> None:
         load_space(tmp_path / "missing.yaml")
 
 
+def test_exponents_without_a_dot_are_numbers(tmp_path: Path) -> None:
+    """YAML 1.1 reads 1e-5 as text (1.0e-5 is a number); a space file means a number."""
+    path = tmp_path / "sci.yaml"
+    path.write_text(
+        "data: {dataset: iris}\nspace:\n  lr: {low: 1e-5, high: 1E-1, log: true}\n"
+        "  weight_decay: [0, 5e-4, +1e-3]\n  name_like: {type: categorical, choices: [1e5x]}\n"
+    )
+    with pytest.raises(SpaceError) as info:  # name_like is not a parameter: text stays text
+        load_space(path)
+    assert "space.name_like: unknown name" in str(info.value)
+    path.write_text(
+        path.read_text().replace("  name_like: {type: categorical, choices: [1e5x]}\n", "")
+    )
+    space = load_space(path)
+    lr = space.params["lr"]
+    assert isinstance(lr, Range) and (lr.low, lr.high, lr.log) == (1e-5, 0.1, True)
+    decay = space.params["weight_decay"]
+    assert isinstance(decay, Categorical) and list(decay.choices) == [0, 5e-4, 1e-3]
+
+
 def test_yaml_python_tags_never_construct(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.yaml"
