@@ -450,7 +450,7 @@ class Space:
 
     def to_dict(self) -> dict[str, Any]:
         """The space as a plain mapping in the file format (for storing and diffing)."""
-        return yaml.load(self.source, Loader=_SpaceLoader) if self.source else {}  # noqa: S506
+        return yaml.load(self.source, Loader=_SpaceLoader) if self.source else {}
 
 
 @dataclass(frozen=True)
@@ -1003,7 +1003,7 @@ _SpaceLoader.add_implicit_resolver(
 def load_yaml(text: str, *, file: str) -> Any:
     """Parse YAML safely: tags such as !!python/object never construct anything."""
     try:
-        return yaml.load(text, Loader=_SpaceLoader)  # noqa: S506 (a SafeLoader)
+        return yaml.load(text, Loader=_SpaceLoader)  # a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(top)"
