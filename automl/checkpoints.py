@@ -62,17 +62,20 @@ def atomic_save(obj: Any, path: Path, *, durable: bool = True) -> None:
     loss), which costs a few milliseconds."""
     import torch
 
+    from automl.lifecycle import signals_deferred
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("wb") as fh:
-            torch.save(obj, fh)
-            if durable:
-                fh.flush()
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with signals_deferred():  # a stop signal lands after the file, not inside torch.save
+        try:
+            with tmp.open("wb") as fh:
+                torch.save(obj, fh)
+                if durable:
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def load_file(path: Path) -> dict[str, Any] | None:

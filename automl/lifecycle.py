@@ -61,11 +61,14 @@ class GracefulStop:
         if threading.current_thread() is threading.main_thread():
             for s in self.SIGNALS:
                 self._previous[s] = signal.signal(s, self._handle)
+            _ACTIVE.append(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+        if self._previous and _ACTIVE and _ACTIVE[-1] is self:
+            _ACTIVE.pop()
         self._previous.clear()
 
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
@@ -93,6 +96,22 @@ class GracefulStop:
         """Raise StopRequested when a signal arrived while protected."""
         if self.signum is not None:
             raise StopRequested(self.signum)
+
+
+# The GracefulStop whose handlers are installed (a run's), innermost last.
+_ACTIVE: list[GracefulStop] = []
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Defer a stop signal to the end of the block when a run handles them (a checkpoint
+    written whole: a signal raised inside torch.save came out as torch's own RuntimeError,
+    and the trial failed for good instead of being recorded as interrupted)."""
+    if not _ACTIVE or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    with _ACTIVE[-1].protected():
+        yield
 
 
 def retry_history(trial: optuna.Trial) -> list[int]:

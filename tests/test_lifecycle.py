@@ -389,6 +389,26 @@ def test_a_signal_waits_for_a_protected_block_and_a_second_one_exits(
     assert info.value.signum == signal.SIGTERM
 
 
+def test_a_signal_during_a_checkpoint_write_lands_after_the_file(tmp_path: Path) -> None:
+    """A stop signal raised inside torch.save came out as torch's RuntimeError, and the
+    trial failed for good. Now the file is written whole, then the signal stops the run."""
+    import torch
+
+    from automl.checkpoints import atomic_save
+    from automl.lifecycle import GracefulStop, StopRequested
+
+    class Signalling:  # pickled by torch.save: the signal arrives mid-write
+        def __reduce__(self) -> Any:
+            os.kill(os.getpid(), signal.SIGTERM)
+            return (dict, ())
+
+    path = tmp_path / "ck.pt"
+    with GracefulStop(), pytest.raises(StopRequested):
+        atomic_save({"weights": torch.ones(3), "probe": Signalling()}, path)
+    assert torch.load(path, weights_only=False)["weights"].tolist() == [1.0, 1.0, 1.0]
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]  # no temporary file left
+
+
 # --------------------------------------------------------------------------- failures
 
 
