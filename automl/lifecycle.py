@@ -114,6 +114,58 @@ def signals_deferred() -> Iterator[None]:
         yield
 
 
+class Heartbeats:
+    """The heartbeats of running trials (one trial, or a fused pack's members) from one
+    thread, each write retried: Optuna's own thread (one a trial) died at its first
+    failed write, and on SQLite several writing at once fail with "database is locked"
+    (a read turned write); a trial that never got a heartbeat was never found stale, and
+    stayed RUNNING forever after a kill."""
+
+    ATTEMPTS = 5
+
+    def __init__(self, storage: Any, trial_ids: list[int]) -> None:
+        from optuna.storages._heartbeat import is_heartbeat_enabled
+
+        self.storage = storage
+        self.trial_ids = list(trial_ids)
+        self.interval = storage.get_heartbeat_interval() if is_heartbeat_enabled(storage) else None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> Heartbeats:
+        if self.interval is not None and self.trial_ids:
+            self._thread = threading.Thread(target=self._loop, name="heartbeats", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _loop(self) -> None:
+        assert self.interval is not None
+        while True:
+            for trial_id in self.trial_ids:
+                self._beat(trial_id)
+                if self._stop.is_set():
+                    return
+            if self._stop.wait(timeout=self.interval):
+                return
+
+    def _beat(self, trial_id: int) -> None:
+        for attempt in range(self.ATTEMPTS):
+            try:
+                self.storage.record_heartbeat(trial_id)
+                return
+            except Exception as exc:  # the next attempt, or the next round
+                if attempt == self.ATTEMPTS - 1:
+                    log.debug("heartbeat of trial id %d not recorded: %s", trial_id, exc)
+                    return
+                if self._stop.wait(timeout=0.05 * 2**attempt):
+                    return
+
+
 def retry_history(trial: optuna.Trial) -> list[int]:
     """The numbers of the trials ``trial`` retries, oldest first (empty for a new one)."""
     attrs = trial.storage.get_trial_system_attrs(trial._trial_id)

@@ -1444,7 +1444,7 @@ def _result(
 def run_packed(run: Any) -> None:
     """The packed trial loop of ``studies.run_study`` (``--pack K``): ask up to K trials,
     train each compatible group fused and the rest one by one, tell every trial."""
-    from automl.lifecycle import retry_history
+    from automl.lifecycle import Heartbeats, retry_history
     from automl.studies import _fail_stale_trials
 
     study = run.study
@@ -1457,7 +1457,11 @@ def run_packed(run: Any) -> None:
                 _ask_pack(run, min(pack, _room(run)), trials)
                 for trial in trials:
                     run.obs.trial_started(trial.number, trial.params)
-            _train_pack(run, trials, retry_history)
+            # Every asked trial is RUNNING from now on: its heartbeat starts now, not when
+            # its group trains (a trial waiting for its turn had none, and after a kill
+            # stayed RUNNING forever).
+            with Heartbeats(study._storage, [t._trial_id for t in trials]):
+                _train_pack(run, trials, retry_history)
         except BaseException:
             # A stop signal or a broken storage: no asked trial is left RUNNING (the ones
             # already told are skipped). One protected block, so that a signal does not
@@ -1616,30 +1620,22 @@ def _room(run: Any) -> int:
 
 def _run_group(run: Any, trials: Sequence[optuna.Trial], configs: Sequence[TrialConfig]) -> None:
     """Train one fused group and tell each member's trial its own end."""
-    from contextlib import ExitStack
-
-    from optuna.storages._heartbeat import get_heartbeat_thread
-
     from automl.checkpoints import Checkpointer
 
     objective = run.objective
     hooks = [objective.epoch_hook(t, c) for t, c in zip(trials, configs, strict=True)]
-    with ExitStack() as stack:
-        for trial in trials:
-            beat: Any = get_heartbeat_thread(trial._trial_id, run.study._storage)
-            stack.enter_context(beat)
-        try:
-            results: Sequence[PackedResult | BaseException] = train_packed(
-                configs,
-                objective.data,
-                objective=objective.space.objectives[0],
-                patience=objective.space.train.patience,
-                on_epoch=hooks,
-            )
-        except Exception as exc:  # the group as a whole failed: every member fails
-            first = (str(exc).splitlines() or [""])[0][:200]
-            results = [exc] * len(trials)
-            log.debug("fused group failed: %s", first, exc_info=True)
+    try:  # (the members' heartbeats are run_packed's, for the whole pack)
+        results: Sequence[PackedResult | BaseException] = train_packed(
+            configs,
+            objective.data,
+            objective=objective.space.objectives[0],
+            patience=objective.space.train.patience,
+            on_epoch=hooks,
+        )
+    except Exception as exc:  # the group as a whole failed: every member fails
+        first = (str(exc).splitlines() or [""])[0][:200]
+        results = [exc] * len(trials)
+        log.debug("fused group failed: %s", first, exc_info=True)
     # Every member is told before a signal (deferred to the block's end) or the failure
     # limit (run.count) may stop the run.
     told = []

@@ -735,11 +735,10 @@ def _fail_stale_trials(study: optuna.Study) -> None:
 
 def _run_trial(run: _Run, trial: optuna.Trial) -> FrozenTrial:
     """Train one asked trial and tell its end; always tells, even when interrupted."""
-    from optuna.storages._heartbeat import get_heartbeat_thread
     from optuna.trial import TrialState
 
     from automl.checkpoints import Checkpointer
-    from automl.lifecycle import StopRequested, retry_history
+    from automl.lifecycle import Heartbeats, StopRequested, retry_history
 
     checkpoint = Checkpointer(run.checkpoint_dir, trial.number, retry_history(trial))
     flush_reports = getattr(run.study._storage, "flush_reports", None)  # storage_cache.py
@@ -749,7 +748,7 @@ def _run_trial(run: _Run, trial: optuna.Trial) -> FrozenTrial:
     interrupted = False
     try:
         run.stopper.check()  # a signal during ask: record this trial as interrupted
-        with get_heartbeat_thread(trial._trial_id, run.study._storage):
+        with Heartbeats(run.study._storage, [trial._trial_id]):
             outcome = _run_one(trial, run.objective, checkpoint)
     except StopRequested:
         interrupted = True

@@ -110,6 +110,46 @@ def _short_heartbeat(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AUTOML_GRACE_PERIOD", "2")
 
 
+def test_heartbeats_reach_every_member_through_failed_writes() -> None:
+    """One thread beats for every trial of a pack, and a failed write ("database is
+    locked") is retried: Optuna's thread a trial died at its first failure, and a trial
+    never beaten was never found stale (RUNNING forever after a kill)."""
+    import threading
+
+    from optuna.storages._heartbeat import BaseHeartbeat
+
+    from automl.lifecycle import Heartbeats
+
+    class Flaky(BaseHeartbeat):
+        def __init__(self) -> None:
+            self.calls: dict[int, int] = {}
+            self.beaten: set[int] = set()
+            self.done = threading.Event()
+
+        def record_heartbeat(self, trial_id: int) -> None:
+            self.calls[trial_id] = self.calls.get(trial_id, 0) + 1
+            if trial_id == 3 and self.calls[trial_id] < 3:
+                raise RuntimeError("database is locked")
+            self.beaten.add(trial_id)
+            if self.beaten == {1, 2, 3, 4}:
+                self.done.set()
+
+        def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+            return []
+
+        def get_heartbeat_interval(self) -> int | None:
+            return 60
+
+        def get_heartbeat_stale_trial_callback(self) -> Any:
+            return None
+
+    storage = Flaky()
+    with Heartbeats(storage, [1, 2, 3, 4]) as beats:
+        assert storage.done.wait(timeout=10)
+    assert beats._thread is not None and not beats._thread.is_alive()
+    assert storage.calls == {1: 1, 2: 1, 3: 3, 4: 1}  # one round, trial 3 on its 3rd try
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 

@@ -450,6 +450,42 @@ def test_configure_threads_honours_the_environment(monkeypatch: pytest.MonkeyPat
 
 
 @pytest.mark.slow
+def test_every_asked_trial_of_a_pack_beats_before_any_trains(
+    tiny_space: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pack's trials are RUNNING from the ask: each needs a heartbeat from then on, or
+    one waiting for its group's turn stays RUNNING forever when the process is killed."""
+    import time
+
+    import sqlalchemy
+
+    from automl import packing
+
+    url = f"sqlite:///{tmp_path / 'beats.db'}"
+    seen: list[tuple[set[int], set[int]]] = []
+    original = packing._train_pack
+
+    def inspect(run: Any, trials: list[optuna.Trial], history: Any) -> None:
+        asked = {t._trial_id for t in trials}
+        engine = sqlalchemy.create_engine(url)
+        beaten: set[int] = set()
+        deadline = time.monotonic() + 10
+        while beaten != asked and time.monotonic() < deadline:
+            with engine.connect() as conn:
+                rows = conn.execute(sqlalchemy.text("select trial_id from trial_heartbeats"))
+                beaten = {r[0] for r in rows} & asked
+            time.sleep(0.01)
+        engine.dispose()
+        seen.append((asked, beaten))
+        original(run, trials, history)
+
+    monkeypatch.setattr(packing, "_train_pack", inspect)
+    args = ["run", str(tiny_space), "--n-trials", "8", "--pack", "4", "--storage", url]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert len(seen) == 2 and all(asked == beaten for asked, beaten in seen)
+
+
 def test_sigint_during_a_pack_leaves_no_trial_running(tmp_path: Path) -> None:
     import signal
     import subprocess
