@@ -297,7 +297,10 @@ class RunStorage(_CachedStorage):
         owned = self._owned.pop(trial_id, None)
         self._reports_written.pop(trial_id, None)
         try:
-            changed = super().set_trial_state_values(trial_id, state=state, values=values)
+            if state == TrialState.RUNNING and values is None:
+                changed = self._claim_waiting(trial_id)
+            else:
+                changed = super().set_trial_state_values(trial_id, state=state, values=values)
         except BaseException:
             self._last_read.clear()
             raise
@@ -308,6 +311,29 @@ class RunStorage(_CachedStorage):
         else:
             self._last_read.clear()
         return changed
+
+    def _claim_waiting(self, trial_id: int) -> bool:
+        """Make a WAITING trial this process's RUNNING one in one conditional UPDATE,
+        true when it was still waiting. Optuna reads the state, then writes it; on SQLite
+        the read takes no lock (SELECT FOR UPDATE is not SQL SQLite has), so two processes
+        both read WAITING and both ran the same retried or enqueued trial, or one of them
+        failed at its end with UpdateFinishedTrialError."""
+        import datetime
+
+        import sqlalchemy
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        trials = models.TrialModel.__table__
+        claim = (
+            sqlalchemy.update(trials)
+            .where(trials.c.trial_id == trial_id, trials.c.state == TrialState.WAITING)
+            .values(state=TrialState.RUNNING, datetime_start=datetime.datetime.now())
+        )
+        with _create_scoped_session(self._backend.scoped_session) as session:
+            result: Any = session.execute(claim)  # a CursorResult: rows it changed
+            claimed = result.rowcount == 1
+        return bool(claimed)
 
     def _cache_finished(
         self, trial: Any, state: TrialState, values: Sequence[float] | None

@@ -150,3 +150,44 @@ def test_listed_trials_follow_every_change_in_order_and_by_state(storage_url: st
         5,
     ]
     assert study.get_trials()[5].state == TrialState.COMPLETE
+
+
+def _claim_all(url: str, queue: object) -> None:
+    """A worker process: ask until no waiting trial is left, tell each one it got."""
+    storage = RunStorage(RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}}))
+    study = optuna.load_study(study_name="q", storage=storage)
+    got = []
+    while True:
+        trial = study.ask()
+        fixed = trial.storage.get_trial_system_attrs(trial._trial_id).get("fixed_params")
+        if fixed is None:  # a fresh trial: the queue is empty
+            study.tell(trial, state=TrialState.FAIL)
+            break
+        got.append(fixed["x"])
+        study.tell(trial, fixed["x"])
+    queue.put(got)  # type: ignore[attr-defined]
+
+
+def test_a_waiting_trial_is_claimed_by_one_process_only(storage_url: str) -> None:
+    """Optuna reads a waiting trial's state and then writes it; on SQLite the read takes
+    no lock, so two processes could both claim one retried or enqueued trial."""
+    import multiprocessing
+
+    mine = RunStorage(RDBStorage(storage_url))
+    study = _study(mine, "q")
+    for x in range(30):
+        study.enqueue_trial({"x": x})
+    waiting = [t._trial_id for t in study.get_trials() if t.state == TrialState.WAITING]
+    assert mine.set_trial_state_values(waiting[0], TrialState.RUNNING) is True
+    assert mine.set_trial_state_values(waiting[0], TrialState.RUNNING) is False  # taken
+    mine.set_trial_state_values(waiting[0], TrialState.FAIL)
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    workers = [context.Process(target=_claim_all, args=(storage_url, queue)) for _ in range(3)]
+    for w in workers:
+        w.start()
+    claimed = [x for _ in workers for x in queue.get(timeout=120)]
+    for w in workers:
+        w.join(timeout=60)
+        assert w.exitcode == 0
+    assert sorted(claimed) == list(range(1, 30))  # each once, none twice
