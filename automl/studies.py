@@ -279,6 +279,28 @@ def resumed_seed(seed: int | None, n_trials: int) -> int | None:
     return (seed + 104_729 * n_trials) % 2**32
 
 
+def _reseed_if_raced(sampler: optuna.samplers.BaseSampler, expected: int, seed: int | None) -> None:
+    """A seeded sampler whose first trial is not the study's next one (``expected``)
+    draws from a fresh stream: other runs of the study started at the same moment, read
+    the same trial count, and would otherwise propose the very same points (whole packs
+    repeated). A lone run, the only one to get that number, keeps its seeded stream."""
+    if seed is None:
+        return  # unseeded samplers already draw from their own entropy
+    original = sampler.before_trial
+    undecided = [True]
+
+    def before_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+        # (A waiting trial popped first, a retry or an enqueued one, has an older number:
+        # the first new trial decides.)
+        if undecided[0] and trial.number >= expected:
+            undecided[0] = False
+            if trial.number > expected:
+                sampler.reseed_rng()
+        original(study, trial)
+
+    sampler.before_trial = before_trial  # type: ignore[method-assign]
+
+
 def create_pruner(space: Space) -> optuna.pruners.BasePruner:
     import optuna
 
@@ -360,6 +382,7 @@ def create_study(
             sampler=create_sampler(space, resumed_seed(seed, len(existing.trials))),
             pruner=create_pruner(space),
         )
+        _reseed_if_raced(study.sampler, len(existing.trials), seed)
         return study
     study = optuna.create_study(
         study_name=name,
@@ -369,6 +392,7 @@ def create_study(
         directions=directions,  # type: ignore[arg-type]
         load_if_exists=True,
     )
+    _reseed_if_raced(study.sampler, 0, seed)
     study.set_metric_names(list(space.objectives))
     study.set_user_attr("space", space.source)
     study.set_user_attr("space_hash", space.hash)

@@ -408,3 +408,33 @@ def test_the_lean_tpe_samples_exactly_what_optunas_does(options: dict[str, Any])
     lean = params(_lean_tpe(optuna.samplers.TPESampler(seed=5, **options)))
     plain = params(optuna.samplers.TPESampler(seed=5, **options))  # SciPy's log_ndtr too
     assert lean == plain
+
+
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_seeded_runs_started_together_propose_different_points(
+    sampler: str, storage_url: str
+) -> None:
+    """Runs of one seeded study started at the same moment read the same trial count:
+    they drew the same points (whole packs repeated). The one whose first trial is the
+    study's next keeps the seeded stream, so a lone run stays reproducible."""
+    space = parse_space(
+        {
+            "data": {"dataset": "iris"},
+            "study": {"sampler": sampler, "seed": 5},
+            "space": {
+                "hidden_units": {"low": 1, "high": 10_000},
+                "dropout": {"low": 0, "high": 0.5},
+            },
+        }
+    )
+
+    def draw(study: optuna.Study) -> tuple[int, float]:
+        trial = study.ask()
+        return trial.suggest_int("hidden_units", 1, 10_000), trial.suggest_float("dropout", 0, 0.5)
+
+    first = create_study(space, "s", open_storage(storage_url), seed=5)
+    second = create_study(space, "s", open_storage(storage_url), seed=5)  # at the same moment
+    a, b = draw(first), draw(second)
+    assert a != b
+    lone = create_study(space, "lone", open_storage(storage_url), seed=5)
+    assert draw(lone) == a  # the seeded stream, as the first run drew it
