@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import time
+import warnings
 import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,11 @@ if TYPE_CHECKING:
     from optuna.storages import BaseStorage
 
 log = logging.getLogger(__name__)
+
+# Heartbeats and their retry callback are marked experimental in Optuna; every command
+# that opens a storage uses them on purpose (the dashboard printed the warnings).
+warnings.filterwarnings("ignore", message=r".*experimental feature.*")
+warnings.filterwarnings("ignore", message=r".* is experimental \(supported from")
 
 DEFAULT_STORAGE = "sqlite:///studies/automl.db"
 # Heartbeats: a live trial writes one every HEARTBEAT_INTERVAL seconds; a trial silent for
