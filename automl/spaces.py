@@ -896,11 +896,11 @@ def parse_space(raw: Any, *, file: str = "space", source: str | None = None) -> 
                     "the grid sampler needs categorical or stepped parameters; "
                     "add 'step' or use a list",
                 )
-    if study.sampler.name == "nsga2" and len(objectives) == 1:
-        pass  # NSGA-II works on one objective too.
-    if len(objectives) > 1 and study.pruner.name != "none":
-        # Optuna cannot prune multi-objective trials; say nothing, the runner turns it off.
-        pass
+    if study.sampler.name == "cmaes" and len(objectives) > 1:
+        errors.add(
+            "study.sampler",
+            "cmaes optimizes one objective; with several use nsga2, tpe, gp, qmc or random",
+        )
 
     errors.raise_if_any()
     assert data is not None

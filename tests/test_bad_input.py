@@ -82,6 +82,11 @@ CORPUS: list[Case] = [
     # ---- space files: YAML itself
     run_space("tabs", "data:\n\tdataset: iris\n", "tabs are not allowed"),
     run_space(
+        "cmaes-several-objectives",
+        "data: {dataset: iris}\nobjective: [val_accuracy, n_params]\nstudy: {sampler: cmaes}\n",
+        "study.sampler: cmaes optimizes one objective; with several use nsga2",
+    ),
+    run_space(
         "duplicate-key",
         "data: {dataset: iris}\nspace:\n  batch_size: [16, 32]\n  batch_size: 64\n",
         "line 4, column 3: invalid YAML: 'batch_size' is given twice in one mapping; keep one",
