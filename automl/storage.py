@@ -189,6 +189,12 @@ def open_storage(url: str, *, create: bool = True) -> BaseStorage:
     sqlite = _sqlite_path(url)
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite:"):
+        if sqlite is None:
+            raise StorageError(
+                f"'{masked}' is an in-memory database: it keeps nothing after the run, and "
+                "workers and later commands cannot see it; use sqlite:///FILE.db",
+                bad_input=True,
+            )
         if sqlite is not None:
             if sqlite.exists():
                 if _first_open(sqlite):
@@ -425,6 +431,35 @@ def _driver_error(exc: ModuleNotFoundError, masked: str) -> StorageError:
     )
 
 
+# Storage URL schemes people write, and the one SQLAlchemy knows.
+SCHEME_FIXES = {
+    "postgres": "postgresql+psycopg",
+    "pg": "postgresql+psycopg",
+    "psql": "postgresql+psycopg",
+    "pgsql": "postgresql+psycopg",
+    "postgresql": "postgresql+psycopg",
+    "psycopg": "postgresql+psycopg",
+    "maria": "mysql+pymysql",
+    "mariadb": "mariadb+pymysql",
+    "mysql": "mysql+pymysql",
+    "sqlite3": "sqlite",
+    "file": "sqlite",
+}
+
+
+def _scheme_hint(masked: str) -> str:
+    """Advice for a URL whose dialect SQLAlchemy cannot load."""
+    scheme = masked.split("://", 1)[0].lower()
+    dialect = scheme.split("+", 1)[0]
+    fix = SCHEME_FIXES.get(dialect)
+    if fix is not None and fix != scheme:
+        return f"; did you mean {fix}://...?"
+    return (
+        "; use sqlite:///FILE.db, postgresql+psycopg://user@host/db, "
+        "mysql+pymysql://user@host/db, journal:FILE.log or grpc://host:port"
+    )
+
+
 def _storage_error(exc: BaseException, masked: str) -> StorageError:
     cause = exc.__cause__ or exc.__context__ or exc
     if isinstance(cause, ModuleNotFoundError):
@@ -432,7 +467,9 @@ def _storage_error(exc: BaseException, masked: str) -> StorageError:
     text = mask_url(str(cause).splitlines()[0] if str(cause) else type(cause).__name__)
     kind = type(cause).__name__
     if kind in ("ArgumentError", "NoSuchModuleError"):
-        return StorageError(f"malformed storage URL '{masked}': {text}", bad_input=True)
+        return StorageError(
+            f"malformed storage URL '{masked}': {text}{_scheme_hint(masked)}", bad_input=True
+        )
     if "file is not a database" in text or "malformed" in text:
         return StorageError(
             f"{masked} is not a valid SQLite database ({text}); it was left untouched, "

@@ -398,6 +398,25 @@ CORPUS: list[Case] = [
         storage=False,
     ),
     Case(
+        "url-misspelt-dialect",
+        ("studies", "--storage", "postgres+psycopg://u@h/db"),
+        "did you mean postgresql+psycopg://...?",
+        storage=False,
+    ),
+    Case(
+        "url-unknown-scheme",
+        ("studies", "--storage", "ftp://h/x"),
+        "use sqlite:///FILE.db, postgresql+psycopg://user@host/db",
+        storage=False,
+    ),
+    Case(
+        "url-in-memory-sqlite",
+        ("run", "g.yaml", "--storage", "sqlite://"),
+        "is an in-memory database: it keeps nothing after the run",
+        {"g.yaml": GOOD},
+        storage=False,
+    ),
+    Case(
         "url-grpc-without-port",
         ("studies", "--storage", "grpc://localhost"),
         "grpc://HOST:PORT",
