@@ -1266,6 +1266,13 @@ def merge_flags(raw: dict[str, Any] | None, flags: dict[str, Any]) -> dict[str, 
             elif isinstance(current, list):
                 current = {n: {} for n in current}
             current = {k: dict(v or {}) for k, v in dict(current).items()}
+            if group not in current:  # the search's own choices do not include it
+                chosen = ",".join(map(str, current))
+                plural = "losses" if kind == "loss" else "optimizers"
+                raise SpaceError(
+                    f"--param {key}: {group} is not among the {plural} searched ({chosen}); "
+                    f"add it (--{kind} {chosen},{group}) or leave the --param out"
+                )
             current.setdefault(group, {})[param] = value
             space[kind] = current
         else:

@@ -249,6 +249,16 @@ CORPUS: list[Case] = [
         ("run", "--dataset", "iris", "--param", "hiden_units=8"),
         "did you mean 'hidden_units'?",
     ),
+    Case(
+        "flag-param-of-an-optimizer-not-searched",
+        ("run", "--dataset", "iris", "--optimizer", "adam", "--param", "sgd.momentum=0.9"),
+        "sgd is not among the optimizers searched (adam); add it (--optimizer adam,sgd)",
+    ),
+    Case(
+        "flag-param-of-a-loss-not-searched",
+        ("run", "--dataset", "diabetes", "--loss", "mse", "--param", "huber.delta=2"),
+        "huber is not among the losses searched (mse); add it (--loss mse,huber)",
+    ),
     Case("flag-param-no-equals", ("run", "--dataset", "iris", "--param", "dropout"), "NAME=SPEC"),
     Case("flag-no-space", ("run",), "give a space file"),
     # ---- data files
