@@ -417,6 +417,7 @@ def enqueue_params(
     ``run`` trains it first). Raises UsageError naming every parameter that does not fit.
     Returns the parameters and whether they were queued (False: the study has them)."""
     kept, dropped = fit_params(space, params)
+    dropped += _unreached(space, kept)
     if dropped:
         raise UsageError(f"--params does not fit study '{study.study_name}': {'; '.join(dropped)}")
     if not kept:
@@ -426,6 +427,30 @@ def enqueue_params(
     before = len(study.get_trials(deepcopy=False))
     study.enqueue_trial(kept, user_attrs={"enqueued": source}, skip_if_exists=True)
     return kept, len(study.get_trials(deepcopy=False)) > before
+
+
+def _unreached(space: Space, params: Mapping[str, Any]) -> list[str]:
+    """Parameters of a branch the configuration does not take (adam_lr beside optimizer:
+    sgd, lr_step beside lr_schedule: cosine): a trial would never use them, so a queued
+    configuration that names them is not the one its author meant."""
+    from automl.spaces import CONDITIONS
+
+    out = []
+    branches = {"optimizer": space.optimizer.options, "loss": space.loss.options}
+    for kind, options in branches.items():
+        chosen = params.get(kind)
+        if chosen is None:
+            continue
+        for option, own in options.items():
+            for p in own:
+                name = f"{option}_{p}"
+                if name in params and option != chosen:
+                    out.append(f"{name} applies only when {kind} = {option}, not {chosen}")
+    for name, (condition, when) in CONDITIONS.items():
+        value = space.model if condition == "model" else params.get(condition)
+        if name in params and value is not None and value not in when:
+            out.append(f"{name} applies only when {condition} is {' or '.join(when)}")
+    return out
 
 
 def parse_warm_start(text: str) -> tuple[str, int]:

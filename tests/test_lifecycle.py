@@ -660,6 +660,10 @@ def test_enqueue_validates_and_the_next_run_trains_it_first(
         ('{"batch_size": 48}', "batch_size: 48 is not one of [16, 32]"),
         ('{"sgd_lr": 2.0}', "sgd_lr: 2.0 is outside 0.01..0.5"),
         ('{"hiden_units": 8}', "did you mean 'hidden_units'?"),
+        (
+            '{"optimizer": "sgd", "adam_lr": 0.01}',
+            "adam_lr applies only when optimizer = adam, not sgd",
+        ),
         ("{not json", "--params is not valid JSON"),
         ("[1, 2]", "must be a JSON object"),
     ):
