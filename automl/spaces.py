@@ -868,6 +868,12 @@ def parse_space(raw: Any, *, file: str = "space", source: str | None = None) -> 
                     f"space.{key}",
                     f"no chosen optimizer ({', '.join(optimizer.names)}) takes '{key}'",
                 )
+            elif takers and all(key in optimizer.options[o] for o in takers):
+                errors.add(
+                    f"space.{key}",
+                    f"unused: every optimizer that takes '{key}' ({', '.join(takers)}) sets its "
+                    f"own under space.optimizer; give it in one place",
+                )
 
     if data is not None:
         _check_task(data, loss, objectives, errors)

@@ -82,6 +82,11 @@ CORPUS: list[Case] = [
     # ---- space files: YAML itself
     run_space("tabs", "data:\n\tdataset: iris\n", "tabs are not allowed"),
     run_space(
+        "optimizer-param-set-twice",
+        "data: {dataset: iris}\nspace:\n  optimizer: {adam: {lr: 0.01}}\n  lr: 0.1\n",
+        "space.lr: unused: every optimizer that takes 'lr' (adam) sets its own",
+    ),
+    run_space(
         "cmaes-several-objectives",
         "data: {dataset: iris}\nobjective: [val_accuracy, n_params]\nstudy: {sampler: cmaes}\n",
         "study.sampler: cmaes optimizes one objective; with several use nsga2",
