@@ -106,6 +106,16 @@ class Preprocessor:
     def fit_values(self, columns: list[str], values: np.ndarray) -> Preprocessor:
         """Fit the numeric columns ``columns`` from their float64 ``values`` (the
         training split's, NaN missing), as ``fit`` fits a frame's numeric columns."""
+        if values.size:
+            with np.errstate(invalid="ignore"):
+                largest = np.nanmax(np.where(np.isnan(values), 0.0, np.abs(values)), axis=0)
+            for col, big in zip(columns, largest, strict=True):
+                if big > LARGEST_VALUE:
+                    raise DataError(
+                        f"column '{col}' holds values up to {big:.3g}, too large to scale; "
+                        f"rescale it (a log, or a division by a power of ten) or drop it "
+                        f"with data.drop: [{col}]"
+                    )
         self.numeric = list(columns)
         self.medians, self.means, self.scales = fit_numeric(values)
         return self
@@ -195,6 +205,17 @@ class Preprocessor:
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Preprocessor:
         return cls(**{k: v for k, v in state.items() if k in cls.__dataclass_fields__})
+
+
+def _is_number_column(series: pd.Series) -> bool:
+    import pandas as pd
+
+    return bool(pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series))
+
+
+# Numbers a column may hold and still be standardised in float64 (the square of a larger
+# one overflows): beyond it a column is refused with advice, not trained into NaN.
+LARGEST_VALUE = 1e150
 
 
 def fit_numeric(values: np.ndarray) -> tuple[list[float], list[float], list[float]]:
@@ -624,7 +645,9 @@ def _read_npz(p: Path) -> tuple[pd.DataFrame, list[int] | None]:
         image_shape = [1, int(X.shape[1]), int(X.shape[2])]
     elif X.ndim == 4:
         image_shape = [int(s) for s in X.shape[1:]]
-    flat = X.reshape(X.shape[0], -1).astype(np.float32)
+    flat = X.reshape(X.shape[0], -1)
+    if not np.issubdtype(flat.dtype, np.floating) or np.nanmax(np.abs(flat), initial=0) < 3e38:
+        flat = flat.astype(np.float32)  # (beyond float32's range: kept, refused with advice)
     frame = pd.DataFrame(flat, columns=[f"x{i}" for i in range(flat.shape[1])])
     if y is not None:
         if y.shape[0] != X.shape[0]:
@@ -711,7 +734,16 @@ def load_frame(spec: DataSpec) -> tuple[str, pd.DataFrame, pd.Series, list[int] 
     missing_drop = [c for c in spec.drop if c not in frame.columns]
     if missing_drop:
         raise DataError(f"{spec.path}: data.drop names unknown column(s) {', '.join(missing_drop)}")
+    if target_col in spec.drop:
+        log.warning(
+            "data.drop names the target '%s' of %s: the target is never a feature; "
+            "remove it from data.drop",
+            target_col,
+            spec.path,
+        )
     target = frame[target_col]
+    if _is_number_column(target):  # an infinite target is as unusable as a missing one
+        target = target.where(np.isfinite(target.to_numpy(dtype=np.float64, na_value=np.nan)))
     n_missing = int(target.isna().sum())
     if n_missing == len(target):
         raise DataError(f"{spec.path}: target column '{target_col}' is entirely empty")
@@ -732,10 +764,14 @@ def load_frame(spec: DataSpec) -> tuple[str, pd.DataFrame, pd.Series, list[int] 
             continue
         log.warning("ignored column '%s' of %s, which has no header: %s", column, spec.path, why)
         ignored.append(column)
-    features = frame.drop(columns=[target_col, *spec.drop, *ignored])
+    dropped = [c for c in spec.drop if c != target_col]
+    features = frame.drop(columns=[target_col, *dropped, *ignored])
     if n_missing:
         log.warning(
-            "dropped %d row(s) of %s whose target '%s' is missing", n_missing, spec.path, target_col
+            "dropped %d row(s) of %s whose target '%s' is missing (or infinite)",
+            n_missing,
+            spec.path,
+            target_col,
         )
         keep = target.notna().to_numpy()
         features, target = features[keep], target[keep]

@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from automl.errors import SpaceError
 
@@ -309,6 +316,18 @@ class DataSpec(_Section):
     task: Literal["auto", "classification", "regression"] = "auto"
     validation: float = Field(0.2, gt=0, lt=1)
     test: float = Field(0.0, ge=0, lt=1)
+
+    @field_validator("path")
+    @classmethod
+    def _home(cls, path: str | None) -> str | None:
+        """``~/data.csv`` is the user's home, as in a shell."""
+        return str(Path(path).expanduser()) if path is not None and path.startswith("~") else path
+
+    @field_validator("drop", mode="before")
+    @classmethod
+    def _one_name(cls, drop: Any) -> Any:
+        """``drop: id`` is one column, as ``drop: [id]``."""
+        return (drop,) if isinstance(drop, str) else drop
 
     @model_validator(mode="after")
     def _check(self) -> DataSpec:

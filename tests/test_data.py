@@ -275,6 +275,28 @@ def test_codes_read_as_floats_where_a_value_is_missing_keep_their_categories(
     assert twins.transform(pd.DataFrame({"a": [1.0], "c": [1.0]}))[0, 1:].tolist() == [0, 0]
 
 
+def test_values_too_large_infinite_targets_and_friendly_settings(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"a": rng.normal(size=60), "b": rng.normal(size=60) * 1e200})
+    frame["y"] = rng.normal(size=60)
+    frame.loc[[3, 7], "y"] = [np.inf, -np.inf]
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(DataError, match=r"column 'b' holds values up to .*e\+200, too large"):
+        load_dataset(DataSpec(path=str(tmp_path / "t.csv"), target="y"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with caplog.at_level("WARNING"):  # drop: b is one column; ~ is the home folder
+        data = load_dataset(DataSpec(path="~/t.csv", target="y", drop="b"))  # type: ignore[arg-type]
+    assert data.task == "regression" and data.preprocessor.numeric == ["a"]
+    assert len(data.X_train) + len(data.X_val) == 58  # the infinite targets are missing
+    assert "dropped 2 row(s)" in caplog.text and "missing (or infinite)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        load_dataset(DataSpec(path=str(tmp_path / "t.csv"), target="y", drop=("b", "y")))
+    assert "data.drop names the target 'y'" in caplog.text
+
+
 def test_question_marks_in_a_csv_are_missing_values(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
