@@ -207,6 +207,48 @@ class Preprocessor:
         return cls(**{k: v for k, v in state.items() if k in cls.__dataclass_fields__})
 
 
+# A text column is read as numbers when at most this share of its values are not numbers
+# (a stray '-', 'n/a?' or ' '), and its numbers are many and varied (not codes 1, 2, 3).
+STRAY_SHARE = 0.05
+STRAY_MIN_NUMBERS = 20
+STRAY_MIN_DISTINCT = 10
+
+
+def _numbers_with_strays(frame: pd.DataFrame, path: str | Path) -> None:
+    """Read as numbers, in place, the text columns that are numbers but for a few stray
+    tokens, which become missing values, with a warning naming them. One '-' in a column
+    of measurements made it text: a one-hot 'category' per distinct number."""
+    import pandas as pd
+
+    for col in frame.columns:
+        series = frame[col]
+        if pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(series):
+            continue
+        if not (pd.api.types.is_object_dtype(series) or pd.api.types.is_string_dtype(series)):
+            continue  # (dates, categoricals: as they are)
+        present = series.notna()
+        numbers = pd.to_numeric(series, errors="coerce")
+        n_numbers = int(numbers.notna().sum())
+        strays = series[present & numbers.isna()]
+        if (
+            strays.empty
+            or n_numbers < STRAY_MIN_NUMBERS
+            or len(strays) > STRAY_SHARE * int(present.sum())
+            or numbers.nunique() < STRAY_MIN_DISTINCT
+        ):
+            continue
+        shown = ", ".join(repr(str(v)) for v in list(dict.fromkeys(strays.tolist()))[:5])
+        log.warning(
+            "column '%s' of %s is numbers but for %d value(s) (%s), read as missing; "
+            "leave such cells empty to say so",
+            col,
+            path,
+            len(strays),
+            shown,
+        )
+        frame[col] = numbers
+
+
 def _is_number_column(series: pd.Series) -> bool:
     import pandas as pd
 
@@ -717,6 +759,7 @@ def load_frame(spec: DataSpec) -> tuple[str, pd.DataFrame, pd.Series, list[int] 
             f"{spec.path}: data.header applies to CSV files; remove it for this file type"
         )
     frame, image_shape = read_table(spec.path, header=spec.header)
+    _numbers_with_strays(frame, spec.path)
     target_col = spec.target or ("y" if image_shape is not None or "y" in frame.columns else None)
     if target_col is None:
         raise DataError(

@@ -297,6 +297,29 @@ def test_values_too_large_infinite_targets_and_friendly_settings(
     assert "data.drop names the target 'y'" in caplog.text
 
 
+def test_a_numeric_column_with_a_few_stray_tokens_stays_numeric(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One '-' in a column of measurements made it text: a one-hot 'category' per number,
+    with advice to drop it as an id. Codes with a text value (1, 2, 3, x) stay categories."""
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=300).round(3).astype(object)
+    a[9], a[20] = "n/a?", "-"
+    price = (rng.normal(size=300) * 100 + 1000).round(2).astype(object)
+    price[5] = "unknown"
+    frame = pd.DataFrame({"a": a, "code": rng.choice(["1", "2", "3", "x"], 300), "price": price})
+    frame.to_csv(tmp_path / "s.csv", index=False)
+    with caplog.at_level("WARNING"):
+        data = load_dataset(DataSpec(path=str(tmp_path / "s.csv"), target="price"))
+    assert data.task == "regression"  # the target too: numbers, one row without a value
+    assert len(data.X_train) + len(data.X_val) == 299
+    assert data.preprocessor.numeric == ["a"] and data.preprocessor.categorical == ["code"]
+    assert "column 'a' of" in caplog.text and "2 value(s) ('n/a?', '-'), read as missing" in (
+        caplog.text
+    )
+    assert "different text value in every training row" not in caplog.text
+
+
 def test_question_marks_in_a_csv_are_missing_values(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
