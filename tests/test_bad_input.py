@@ -332,7 +332,7 @@ CORPUS: list[Case] = [
         ("run", "r.yaml"),
         "non-numeric",
         {
-            "r.csv": csv_rows(30, lambda i: "unknown" if i == 3 else i * 1.5),
+            "r.csv": csv_rows(30, lambda i: "unknown" if i % 3 == 0 else i * 1.5),
             "r.yaml": space(
                 data={"path": "r.csv", "target": "y", "task": "regression"},
                 objective="val_rmse",
