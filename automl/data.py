@@ -495,7 +495,12 @@ def _bundled_image_shape(name: str) -> list[int] | None:
     return list(shape) if shape is not None else None  # a copy: the preprocessor keeps it
 
 
-def read_table(path: str | Path, *, header: bool = True) -> tuple[pd.DataFrame, list[int] | None]:
+def read_table(
+    path: str | Path,
+    *,
+    header: bool = True,
+    missing_hint: str = "check data.path (relative to the space file)",
+) -> tuple[pd.DataFrame, list[int] | None]:
     """Read a CSV, Parquet or NPZ file into a frame; NPZ images are flattened. A CSV read
     without ``header`` has no names in its first row: its columns are x0, x1, ... (as an
     NPZ file's table)."""
@@ -503,7 +508,7 @@ def read_table(path: str | Path, *, header: bool = True) -> tuple[pd.DataFrame, 
 
     p = Path(path)
     if not p.exists():
-        raise DataError(f"{p}: no such data file; check data.path (relative to the space file)")
+        raise DataError(f"{p}: no such data file; {missing_hint}")
     if p.is_dir():
         raise DataError(f"{p}: is a folder, not a data file")
     compressed = p.suffix.lower() in COMPRESSIONS and len(p.suffixes) > 1
@@ -548,7 +553,7 @@ def read_table(path: str | Path, *, header: bool = True) -> tuple[pd.DataFrame, 
         ) from None
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"{p}: cannot read the data file: {first}") from None
+        raise DataError(f"{p}: cannot read the data file: {first}{_parse_hint(first)}") from None
     except Exception as exc:  # pyarrow and friends raise their own types
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(f"{p}: cannot read the data file: {first}") from None
@@ -583,6 +588,19 @@ def _refuse_duplicate_names(p: Path, frame: pd.DataFrame, sep: str) -> None:
 
 
 _MANGLED = re.compile(r"^(.*)\.\d+$")
+
+
+def _parse_hint(message: str) -> str:
+    """What to do about pandas' CSV parser errors."""
+    if "Expected" in message and "fields" in message:
+        return (
+            "; every row needs as many fields as the header: quote values that hold the "
+            "delimiter, or check the file's delimiter"
+        )
+    if "EOF inside string" in message or "EOF in" in message:
+        return '; a quote (") is opened and never closed: close it, or remove it'
+    return ""
+
 
 # Read as missing in a CSV besides pandas' own markers (NA, NaN, null, empty, ...): '?',
 # as the UCI repository's files write it (a numeric column with '?' would become text).

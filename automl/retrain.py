@@ -428,6 +428,8 @@ def load_model_file(path: str | Path) -> LoadedModel:
     from automl.spaces import TrialConfig
 
     p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{p}: is a folder, not a model file; give the file retrain wrote")
     if not p.is_file():
         raise UsageError(f"{p}: no such model file; make one with automl retrain STUDY -o {p}")
     try:
@@ -485,7 +487,9 @@ def predict_file(
     from automl.data import read_table
 
     loaded = load_model_file(model_file)
-    frame, _ = read_table(data_file, header=loaded.preprocessor.header)
+    frame, _ = read_table(
+        data_file, header=loaded.preprocessor.header, missing_hint="check the DATA_FILE path"
+    )
     return predict_frame(loaded, frame, proba=proba, source=str(data_file))
 
 

@@ -274,7 +274,18 @@ CORPUS: list[Case] = [
     run_data(
         "not-utf8", "latin.csv", "a,y\nd\xe9j\xe0,0\n".encode("latin-1") * 20, "save it as UTF-8"
     ),
-    run_data("ragged-rows", "ragged.csv", "a,b,y\n1,2,0\n1,2,3,4,5\n" * 10, "Expected 3 fields"),
+    run_data(
+        "ragged-rows",
+        "ragged.csv",
+        "a,b,y\n1,2,0\n1,2,3,4,5\n" * 10,
+        "Expected 3 fields in line 3, saw 5; every row needs as many fields as the header",
+    ),
+    run_data(
+        "unclosed-quote",
+        "quote.csv",
+        'a,b,y\n1,2,0\n"3,4,1\n5,6,0\n',
+        'a quote (") is opened and never closed',
+    ),
     run_data(
         "bad-parquet", "t.parquet", b"PAR1 not really parquet PAR1", "cannot read the data file"
     ),
@@ -399,6 +410,12 @@ CORPUS: list[Case] = [
     Case("retrain-unknown-trial", ("retrain", "kept", "--trial", "99", "-o", "m.pt"), "#99"),
     Case(
         "predict-missing-model", ("predict", "m.pt", "r.csv"), "no such model file", storage=False
+    ),
+    Case(
+        "predict-model-is-a-folder",
+        ("predict", ".", "r.csv"),
+        "is a folder, not a model file",
+        storage=False,
     ),
     Case("export-bad-format", ("export", "kept", "--format", "xml"), "csv or json"),
     Case("best-unknown-names-others", ("best", "kep"), "studies here: kept"),
