@@ -8,6 +8,7 @@ where it came from (study, trial, storage with the password masked).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -619,5 +620,6 @@ def write_predictions(prediction: Prediction, output: str | Path | None) -> str 
     except OSError as exc:
         raise AutomlError(f"cannot write {path}: {exc.strerror}") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # (no folder to hold it: nothing to remove)
+            tmp.unlink(missing_ok=True)
     return None

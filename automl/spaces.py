@@ -469,7 +469,7 @@ class Space:
 
     def to_dict(self) -> dict[str, Any]:
         """The space as a plain mapping in the file format (for storing and diffing)."""
-        return yaml.load(self.source, Loader=_SpaceLoader) if self.source else {}
+        return _load_with_space_rules(self.source) if self.source else {}
 
 
 @dataclass(frozen=True)
@@ -1025,10 +1025,19 @@ _SpaceLoader.add_implicit_resolver(
 )
 
 
+def _load_with_space_rules(text: str) -> Any:
+    """One YAML document through _SpaceLoader (a SafeLoader), as yaml.safe_load reads."""
+    loader = _SpaceLoader(text)
+    try:
+        return loader.get_single_data()  # type: ignore[no-untyped-call]
+    finally:
+        loader.dispose()  # type: ignore[no-untyped-call]
+
+
 def load_yaml(text: str, *, file: str) -> Any:
     """Parse YAML safely: tags such as !!python/object never construct anything."""
     try:
-        return yaml.load(text, Loader=_SpaceLoader)  # a SafeLoader
+        return _load_with_space_rules(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(top)"
