@@ -10,6 +10,7 @@ import signal
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -451,6 +452,43 @@ def _unreached(space: Space, params: Mapping[str, Any]) -> list[str]:
         if name in params and value is not None and value not in when:
             out.append(f"{name} applies only when {condition} is {' or '.join(when)}")
     return out
+
+
+def file_digest(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes (a data file's fingerprint), read in 1 MB blocks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_data_file(study: optuna.Study, path: str | None, *, record: bool) -> None:
+    """Warn when the study's data file is not the one its trials were trained on (a file
+    replaced, a column removed, labels changed): their scores would not compare with new
+    ones, and retrain would train on other data. ``record``: a study that has no
+    fingerprint yet (a new one, or one from an earlier version) keeps this file's."""
+    if path is None:
+        return
+    try:
+        digest = file_digest(path)
+    except OSError:
+        return  # reading the data reports it
+    stored = study.user_attrs.get("data_sha256")
+    if stored is None:
+        if record:
+            study.set_user_attr("data_sha256", digest)
+        return
+    if stored != digest:
+        log.warning(
+            "the data file %s changed since study '%s' was made: its trials were trained on "
+            "other data and do not compare with new ones; use another --study name to start "
+            "afresh",
+            path,
+            study.study_name,
+        )
 
 
 def parse_warm_start(text: str) -> tuple[str, int]:

@@ -207,6 +207,9 @@ def retrain(
 
     trial = pick_trial(study, trial_number)
     space = study_space(study)
+    from automl.lifecycle import check_data_file
+
+    check_data_file(study, space.data.path, record=False)
     dataset = load_dataset(space.data, seed=data_seed(study, trial, space))
     space = space.for_task(dataset.task)
     config = trial_config(study, trial, space)

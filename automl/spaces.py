@@ -1086,7 +1086,12 @@ def _with_path(space: Space, path: str) -> Space:
 
 def study_name_for(space: Space, override: str | None = None) -> str:
     """``--study``, else ``name:`` in the file, else the file's stem."""
-    if override:
+    if override is not None:
+        if not override.strip() or override != override.strip():
+            raise SpaceError(
+                f"--study {override!r}: a study name needs characters other than spaces, "
+                "and none at its ends"
+            )
         return override
     if space.name:
         return space.name

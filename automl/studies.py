@@ -609,6 +609,7 @@ def run_study(space: Space, options: RunOptions, observer: RunObserver | None = 
         GracefulStop,
         RunInterrupted,
         StopRequested,
+        check_data_file,
         check_stored_space,
         parse_warm_start,
         warm_start_from,
@@ -640,6 +641,7 @@ def run_study(space: Space, options: RunOptions, observer: RunObserver | None = 
     storage = open_storage(options.storage_url)
     check_stored_space(storage, space, options.study_name, allow=options.allow_space_change)
     study = create_study(space, options.study_name, storage, seed=seed)
+    check_data_file(study, space.data.path, record=True)
     summary = RunSummary(study_name=options.study_name, storage=mask_url(options.storage_url))
     if options.warm_start:
         warm_start_from(study, space, options.warm_start, options.storage_url)

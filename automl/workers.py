@@ -172,6 +172,14 @@ def run_workers(
     budgets: list[list[str]]
     if n_trials is not None:
         budgets = [["--n-trials", str(k)] for k in split_trials(n_trials, n_workers)]
+        if len(budgets) < n_workers:
+            log.warning(
+                "--n-trials %d keeps %d of the %d workers busy: starting %d",
+                n_trials,
+                len(budgets),
+                n_workers,
+                len(budgets),
+            )
     else:
         budgets = [[] for _ in range(n_workers)]
     for budget in budgets:

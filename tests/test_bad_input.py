@@ -264,6 +264,8 @@ CORPUS: list[Case] = [
         ("run", "--dataset", "diabetes", "--loss", "mse", "--param", "huber.delta=2"),
         "huber is not among the losses searched (mse); add it (--loss mse,huber)",
     ),
+    Case("flag-study-empty", ("run", "--dataset", "iris", "--study", ""), "a study name needs"),
+    Case("flag-study-blank", ("run", "--dataset", "iris", "--study", " x"), "none at its ends"),
     Case("flag-param-no-equals", ("run", "--dataset", "iris", "--param", "dropout"), "NAME=SPEC"),
     Case("flag-no-space", ("run",), "give a space file"),
     # ---- data files

@@ -436,6 +436,30 @@ def test_a_regression_csv_without_a_loss_trains_with_mse(
     assert torch.load("m.pt", weights_only=False)["config"]["loss"] == "mse"
 
 
+def test_a_changed_data_file_is_noticed_on_resume_and_retrain(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = np.random.default_rng(1)
+    frame = pd.DataFrame({"a": rng.normal(size=60), "b": rng.normal(size=60)})
+    frame["y"] = (frame["a"] > 0).astype(int)
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tmp_path / 'd.db'}"
+    args = ["run", "--data", "d.csv", "--target", "y", "--epochs", "1", "--n-trials", "1"]
+    first = runner.invoke(app, [*args, "--storage", url])
+    assert first.exit_code == 0, first.stderr
+    again = runner.invoke(app, [*args, "--storage", url])  # the same file: nothing said
+    assert again.exit_code == 0 and "changed since" not in again.stderr
+    frame.drop(columns=["b"]).to_csv(tmp_path / "d.csv", index=False)  # a column removed
+    changed = runner.invoke(app, [*args, "--storage", url])
+    assert changed.exit_code == 0
+    assert "the data file d.csv changed since study 'd' was made" in " ".join(
+        changed.stderr.split()
+    )
+    retrained = runner.invoke(app, ["retrain", "d", "--storage", url, "-o", "m.pt"])
+    assert "changed since study 'd' was made" in " ".join(retrained.stderr.split())
+
+
 def test_cnn_model_predicts_images(tmp_path: Path) -> None:
     from sklearn.datasets import load_digits
 
