@@ -403,7 +403,7 @@ def run(
     )
     name = (
         spaces.study_name_for(space, study)
-        if space.path or study or space.name
+        if space.path or study is not None or space.name
         else (space.data.dataset or Path(space.data.path or "automl").stem)
     )
     url = resolve_storage_url(storage)
