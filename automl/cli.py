@@ -915,9 +915,14 @@ def space_check(space_file: Annotated[Path, typer.Argument(metavar="SPACE")]) ->
         for line in exc.errors:
             err.print(f"[red]error:[/red] {escape(line)}", markup=True, soft_wrap=True)
         raise typer.Exit(2) from None
-    n = len(distributions(space))
+    from automl.spaces import Fixed
+
+    every = distributions(space)
+    n = sum(not isinstance(d, Fixed) for d in every.values())
+    fixed = f", {len(every) - n} fixed" if len(every) > n else ""
     _stdout().print(
-        f"{space_file}: valid ({n} searched parameter(s), objective {', '.join(space.objectives)})"
+        f"{space_file}: valid ({n} searched parameter(s){fixed}, objective "
+        f"{', '.join(space.objectives)})"
     )
 
 

@@ -960,10 +960,16 @@ def _split(
     (as strings; None for regression) wherever every class can be split."""
     n_test = math.floor(n * spec.test) if spec.test > 0 else 0
     n_val = math.floor(n * spec.validation)
-    if n_val < 1 or n - n_val - n_test < 2:
+    if n_val < 1:
         raise DataError(
-            f"{name}: {n} rows are too few for validation={spec.validation} "
-            f"and test={spec.test}; give more rows or larger fractions"
+            f"{name}: {n} rows leave no validation row at data.validation={spec.validation}; "
+            "give more rows or a larger data.validation"
+        )
+    n_train = n - n_val - n_test
+    if n_train < 2:
+        raise DataError(
+            f"{name}: {n} rows leave {n_train} training row(s) at data.validation="
+            f"{spec.validation} and data.test={spec.test}; give more rows or smaller fractions"
         )
     stratify = None
     if labels is not None:
@@ -974,6 +980,11 @@ def _split(
                 "classification needs at least two"
             )
         k = len(classes)
+        if n_train < k:
+            raise DataError(
+                f"{name}: the training split keeps {n_train} row(s) for {k} classes at "
+                f"data.validation={spec.validation} and data.test={spec.test}; lower them"
+            )
         if counts.min() >= 2 and n_val >= k and (n_test == 0 or n_test >= k):
             stratify = labels
     indices = np.arange(n)
@@ -989,7 +1000,9 @@ def _split(
             strat_rest = None
         train_idx, val_idx = train_test_split(rest, n_val, rng_seed, strat_rest)
     except ValueError as exc:
-        raise DataError(f"{name}: cannot split the data: {exc}") from None
+        raise DataError(
+            f"{name}: cannot split the data: {exc}; check data.validation and data.test"
+        ) from None
     return train_idx, val_idx, test_idx
 
 

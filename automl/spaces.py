@@ -639,6 +639,17 @@ def _parse_range(value: Mapping[str, Any], where: str, rule: Rule, errors: _Erro
         if why:
             errors.add(f"{where}.{key}", _got(why, bound))
             return Fixed(None)
+    if step is not None:
+        # Optuna would move high to the last step below it, with a warning mid-run.
+        steps = (high - low) / step
+        if abs(steps - round(steps)) > 1e-9 * max(1.0, abs(steps)):
+            last = low + math.floor(steps) * step
+            errors.add(
+                where,
+                f"step {step:g} does not divide {low:g}..{high:g}; use high: {last:g} or "
+                f"{last + step:g}",
+            )
+            return Fixed(None)
     if kind == "int":
         return Range(int(low), int(high), "int", log, int(step) if step else None)
     return Range(float(low), float(high), "float", log, float(step) if step else None)
@@ -974,7 +985,12 @@ def check_task_fit(
     for metric in objectives:
         need = METRICS.get(metric, ("", None))[1]
         if need is not None and need != task:
-            own.add("objective", f"'{metric}' is a {need} metric but the task is {task}")
+            fits = [m for m, (_, t) in METRICS.items() if t in (task, None)]
+            own.add(
+                "objective",
+                f"'{metric}' is a {need} metric but the task is {task}; use one of "
+                f"{', '.join(fits)}",
+            )
     if errors is None:
         own.raise_if_any()
 

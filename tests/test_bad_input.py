@@ -82,6 +82,16 @@ CORPUS: list[Case] = [
     # ---- space files: YAML itself
     run_space("tabs", "data:\n\tdataset: iris\n", "tabs are not allowed"),
     run_space(
+        "step-does-not-divide",
+        "data: {dataset: iris}\nspace:\n  hidden_units: {low: 8, high: 30, step: 7}\n",
+        "space.hidden_units: step 7 does not divide 8..30; use high: 29 or 36",
+    ),
+    run_space(
+        "objective-of-another-task",
+        "data: {dataset: diabetes}\nobjective: val_accuracy\n",
+        "is a classification metric but the task is regression; use one of val_loss, val_rmse",
+    ),
+    run_space(
         "optimizer-param-set-twice",
         "data: {dataset: iris}\nspace:\n  optimizer: {adam: {lr: 0.01}}\n  lr: 0.1\n",
         "space.lr: unused: every optimizer that takes 'lr' (adam) sets its own",
@@ -333,7 +343,12 @@ CORPUS: list[Case] = [
     ),
     run_data("target-empty", "t.csv", "a,b,y\n1,2,\n3,4,\n5,6,\n", "entirely empty"),
     run_data("single-class", "one.csv", csv_rows(30, lambda i: "x"), "a single class"),
-    run_data("too-few-rows", "few.csv", csv_rows(2), "too few"),
+    run_data("too-few-rows", "few.csv", csv_rows(2), "leave no validation row"),
+    run_space(
+        "validation-leaves-too-few-training-rows",
+        "data: {dataset: iris, validation: 0.99}\n",
+        "the training split keeps 2 row(s) for 3 classes at data.validation=0.99",
+    ),
     run_data(
         "feature-cannot-be-encoded",
         "wide.csv",
