@@ -878,6 +878,7 @@ def load_dataset(spec: DataSpec, *, seed: int = 0) -> Dataset:
             else (BUNDLED_DATASETS[spec.dataset] if spec.dataset else infer_task(series))
         )
         series = _regression_target(name, series, task)
+        _check_target_spread(name, series, task)
         labels = series.astype(str).to_numpy() if task == "classification" else None
         target = series.to_numpy()
         target_name = str(series.name) if series.name is not None else None
@@ -953,6 +954,16 @@ def _regression_target(name: str, target: pd.Series, task: Task) -> pd.Series:
     return converted
 
 
+def _check_target_spread(name: str, target: pd.Series, task: Task) -> None:
+    """A regression target with one value has nothing to learn: refused."""
+    distinct = int(target.nunique())
+    if task == "regression" and distinct == 1:
+        raise DataError(
+            f"{name}: the target '{target.name}' has a single value ({target.iloc[0]}); "
+            "there is nothing to learn"
+        )
+
+
 def _split(
     name: str, n: int, spec: DataSpec, seed: int, labels: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -980,10 +991,24 @@ def _split(
                 "classification needs at least two"
             )
         k = len(classes)
+        nearly_one_a_row = k > max(20, n // 2)  # task: classification on measurements?
         if n_train < k:
+            fix = (
+                "nearly a class a row: is it task: regression?"
+                if nearly_one_a_row
+                else "lower them"
+            )
             raise DataError(
                 f"{name}: the training split keeps {n_train} row(s) for {k} classes at "
-                f"data.validation={spec.validation} and data.test={spec.test}; lower them"
+                f"data.validation={spec.validation} and data.test={spec.test}; {fix}"
+            )
+        if nearly_one_a_row:
+            log.warning(
+                "%s: the target has %d classes over %d rows, nearly one a row: did you mean "
+                "task: regression?",
+                name,
+                k,
+                n,
             )
         if counts.min() >= 2 and n_val >= k and (n_test == 0 or n_test >= k):
             stratify = labels

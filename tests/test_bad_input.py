@@ -344,6 +344,24 @@ CORPUS: list[Case] = [
     run_data("target-empty", "t.csv", "a,b,y\n1,2,\n3,4,\n5,6,\n", "entirely empty"),
     run_data("single-class", "one.csv", csv_rows(30, lambda i: "x"), "a single class"),
     run_data("too-few-rows", "few.csv", csv_rows(2), "leave no validation row"),
+    Case(
+        "data-constant-regression-target",
+        ("run", "c.yaml"),
+        "the target 'y' has a single value (5000.0); there is nothing to learn",
+        {
+            "c.csv": "a,y\n" + "".join(f"{i},5000.0\n" for i in range(30)),
+            "c.yaml": "data: {path: c.csv, target: y, task: regression}\n",
+        },
+    ),
+    Case(
+        "data-classes-nearly-one-a-row",
+        ("run", "c.yaml"),
+        "nearly a class a row: is it task: regression?",
+        {
+            "c.csv": "a,y\n" + "".join(f"{i},{i * 1.37:.2f}\n" for i in range(30)),
+            "c.yaml": "data: {path: c.csv, target: y, task: classification}\n",
+        },
+    ),
     run_space(
         "validation-leaves-too-few-training-rows",
         "data: {dataset: iris, validation: 0.99}\n",
