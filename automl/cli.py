@@ -983,10 +983,18 @@ def entry() -> None:
     down at exit (BENCHMARKS.md), for nothing: so once the command has finished, output
     is flushed, logs and database connections are closed, and the process ends at once."""
     import os
+    import signal
     import threading
+
+    def terminated(signum: int, _frame: Any) -> None:
+        # As Ctrl-C does: the command's cleanup runs (a temporary output file removed),
+        # then exit 143. `run`, the dashboard and workers install their own handlers.
+        raise SystemExit(128 + signum)
 
     code: Any = 0
     try:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, terminated)
         app()
     except SystemExit as exc:
         code = exc.code

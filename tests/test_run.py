@@ -117,3 +117,35 @@ def test_the_console_script_exits_with_its_code_and_leaves_the_sqlite_file_whole
         [*automl_command(), "run", str(tmp_path / "missing.yaml")], capture_output=True, text=True
     )
     assert bad.returncode == 2 and bad.stderr.startswith("error:")
+
+
+def test_sigterm_lets_a_command_clean_up_and_exits_143(tmp_path: Path) -> None:
+    """SIGTERM killed retrain, report or predict on the spot, leaving their temporary
+    output file behind; now it ends the command as Ctrl-C does, cleanup included."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "slow_command.py"
+    script.write_text(
+        "import pathlib, time, sys\n"
+        "import automl.cli as cli\n"
+        "def slow():\n"
+        "    tmp = pathlib.Path(sys.argv[1])\n"
+        "    tmp.write_text('half written')\n"
+        "    try:\n"
+        "        time.sleep(60)\n"
+        "    finally:\n"
+        "        tmp.unlink()\n"
+        "cli.app = slow\n"
+        "cli.entry()\n"
+    )
+    tmp = tmp_path / ".out.tmp"
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp)])
+    deadline = time.monotonic() + 30
+    while not tmp.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 143
+    assert not tmp.exists()
