@@ -642,6 +642,9 @@ def run_study(space: Space, options: RunOptions, observer: RunObserver | None = 
     check_stored_space(storage, space, options.study_name, allow=options.allow_space_change)
     study = create_study(space, options.study_name, storage, seed=seed)
     check_data_file(study, space.data.path, record=True)
+    given = (space.to_dict().get("study") or {}).get("pruner")
+    if space.is_multi_objective and given not in (None, "none", {"name": "none"}):
+        log.warning("study.pruner is off: Optuna cannot prune trials of several objectives")
     summary = RunSummary(study_name=options.study_name, storage=mask_url(options.storage_url))
     if options.warm_start:
         warm_start_from(study, space, options.warm_start, options.storage_url)

@@ -286,6 +286,7 @@ def test_multi_objective_best_gives_the_pareto_front(tmp_path: Path) -> None:
     runner = CliRunner()
     res = runner.invoke(app, ["run", "mo.yaml", "--n-trials", "6", "--storage", url, "--json"])
     assert res.exit_code == 0, res.output
+    assert "study.pruner is off: Optuna cannot prune trials of several objectives" in res.stderr
     res = runner.invoke(app, ["best", "mo", "--storage", url, "--json"])
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
