@@ -515,6 +515,9 @@ def read_table(
     suffix = _table_kind(p)  # data.csv.gz: pandas reads it through the compression it names
     try:
         if suffix in CSV_SUFFIXES:
+            kind = None if compressed else _binary_kind(p)
+            if kind:
+                raise DataError(f"{p}: is {kind}, not CSV text; {BINARY_FIXES[kind]}")
             sep, decimal = ("\t", ".") if suffix == ".tsv" else _sniff_csv(p)
             try:
                 frame = pd.read_csv(
@@ -588,6 +591,23 @@ def _refuse_duplicate_names(p: Path, frame: pd.DataFrame, sep: str) -> None:
 
 
 _MANGLED = re.compile(r"^(.*)\.\d+$")
+
+
+# Binary files named like text, by their first bytes, and what to do with each.
+BINARY_KINDS = {b"PAR1": "a Parquet file", b"PK\x03\x04": "a zip archive (an Excel workbook?)"}
+BINARY_FIXES = {
+    "a Parquet file": "name it .parquet",
+    "a zip archive (an Excel workbook?)": "save the sheet as CSV",
+}
+
+
+def _binary_kind(p: Path) -> str | None:
+    try:
+        with p.open("rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return None
+    return BINARY_KINDS.get(head)
 
 
 def _parse_hint(message: str) -> str:
@@ -877,12 +897,13 @@ def load_dataset(spec: DataSpec, *, seed: int = 0) -> Dataset:
             if spec.task != "auto"
             else (BUNDLED_DATASETS[spec.dataset] if spec.dataset else infer_task(series))
         )
-        series = _regression_target(name, series, task)
-        _check_target_spread(name, series, task)
+        source = spec.path or name  # errors name the file, as the user wrote it
+        series = _regression_target(source, series, task)
+        _check_target_spread(source, series, task)
         labels = series.astype(str).to_numpy() if task == "classification" else None
         target = series.to_numpy()
         target_name = str(series.name) if series.name is not None else None
-    train_idx, val_idx, test_idx = _split(name, len(target), spec, seed, labels)
+    train_idx, val_idx, test_idx = _split(spec.path or name, len(target), spec, seed, labels)
     pre = Preprocessor(target=target_name, task=task, header=spec.header)
     pre.image_shape = image_shape
     if arrays is not None:

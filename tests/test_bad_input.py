@@ -332,6 +332,8 @@ CORPUS: list[Case] = [
         "a,a ,y\n" + "1,3,0\n4,6,1\n" * 15,
         "the header names column 'a' 2 times",
     ),
+    run_data("parquet-named-csv", "t.csv", b"PAR1" + b"\x00" * 40, "is a Parquet file, not CSV"),
+    run_data("excel-named-csv", "t.csv", b"PK\x03\x04" + b"\x00" * 40, "save the sheet as CSV"),
     run_data("empty-csv", "empty.csv", "", "the file is empty"),
     run_data("header-only", "header.csv", "a,b,y\n", "has a header but no rows"),
     run_data("target-missing", "t.csv", csv_rows(30).replace(",y\n", ",yy\n", 1), "'y' is not"),
