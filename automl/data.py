@@ -538,6 +538,7 @@ def read_table(
                 if header
                 else [f"x{i}" for i in range(frame.shape[1])]
             )
+            frame.attrs["csv"] = {"sep": sep, "decimal": decimal, "header": header}
             return frame, None
         if suffix in (".parquet", ".pq"):
             frame = pd.read_parquet(p)
@@ -768,6 +769,36 @@ def _is_row_index(column: pd.Series) -> bool:
     return start in (0, 1) and bool(np.array_equal(values, np.arange(start, start + len(values))))
 
 
+def _labels_as_written(spec: DataSpec, frame: pd.DataFrame, column: str) -> pd.Series | None:
+    """A CSV target of class labels that read as numbers, as the file writes them, when
+    reading them as numbers merged some ('01' and '1' are both 1): the labels keep their
+    original values. None when nothing was merged, or the target is not classes."""
+    import pandas as pd
+
+    options = frame.attrs.get("csv")
+    target = frame[column]
+    if options is None or spec.path is None or not _is_number_column(target):
+        return None
+    task = spec.task if spec.task != "auto" else infer_task(target)
+    if task != "classification":
+        return None
+    texts = pd.read_csv(
+        spec.path,
+        sep=options["sep"],
+        decimal=options["decimal"],
+        na_values=CSV_MISSING,
+        header=0 if options["header"] else None,
+        usecols=[list(frame.columns).index(column)],
+        dtype=str,
+    ).iloc[:, 0]
+    texts = texts.str.strip()
+    if len(texts) != len(target) or texts.nunique() <= target.nunique():
+        return None
+    texts.index = target.index
+    texts.name = target.name
+    return texts
+
+
 def infer_task(target: pd.Series) -> Task:
     """The ``task: auto`` rule: text, booleans or categories are classes; numbers that are
     all integers with at most 20 distinct values are classes; other numbers are regression.
@@ -822,6 +853,9 @@ def load_frame(spec: DataSpec) -> tuple[str, pd.DataFrame, pd.Series, list[int] 
             target_col,
             spec.path,
         )
+    written = _labels_as_written(spec, frame, target_col)
+    if written is not None:
+        frame[target_col] = written
     target = frame[target_col]
     if _is_number_column(target):  # an infinite target is as unusable as a missing one
         target = target.where(np.isfinite(target.to_numpy(dtype=np.float64, na_value=np.nan)))

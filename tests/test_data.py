@@ -320,6 +320,24 @@ def test_a_numeric_column_with_a_few_stray_tokens_stays_numeric(
     assert "different text value in every training row" not in caplog.text
 
 
+def test_class_labels_that_read_as_one_number_keep_their_own_values(tmp_path: Path) -> None:
+    """'01' and '1' are two labels in the file; read as numbers they were one class."""
+    rows = ["x,y"] + [f"{i},{['01', '1', '2'][i % 3]}" for i in range(60)]
+    (tmp_path / "l.csv").write_text("\n".join(rows) + "\n")
+    data = load_dataset(DataSpec(path=str(tmp_path / "l.csv"), target="y"))
+    assert data.preprocessor.classes == ["01", "1", "2"]
+    # Labels that read as distinct numbers stay numbers (ints, as before).
+    plain = ["x,y"] + [f"{i},{i % 3}" for i in range(60)]
+    (tmp_path / "p.csv").write_text("\n".join(plain) + "\n")
+    assert load_dataset(
+        DataSpec(path=str(tmp_path / "p.csv"), target="y")
+    ).preprocessor.classes == [
+        0,
+        1,
+        2,
+    ]
+
+
 def test_question_marks_in_a_csv_are_missing_values(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
