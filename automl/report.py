@@ -219,8 +219,10 @@ def _plots(study: optuna.Study) -> list[tuple[str, PlotFn | None, str]]:
         if len(complete) < 2:
             out.append(("Parameter importances", None, "needs at least 2 complete trials"))
         else:
-            for name, target in targets:
+            for i, (name, target) in enumerate(targets):
                 suffix = f": {name}" if multi else ""
+                if multi:  # the evaluator takes a target as one to minimise
+                    target = _minimised(i, study.directions[i])
                 out.append(
                     (
                         f"Parameter importances{suffix}",
@@ -278,6 +280,21 @@ def _plots(study: optuna.Study) -> list[tuple[str, PlotFn | None, str]]:
 def _nth(i: int) -> Callable[[FrozenTrial], float]:
     def target(t: FrozenTrial) -> float:
         return float(t.values[i])
+
+    return target
+
+
+def _minimised(i: int, direction: Any) -> Callable[[FrozenTrial], float]:
+    """Objective ``i`` as a value to minimise: Optuna's importance evaluator (PED-ANOVA)
+    takes a custom target as lower-is-better, so a maximised objective is negated; else
+    its importances explain the worst trials (and those of accuracy and n_params, both
+    found in the smallest models, came out the same)."""
+    from optuna.study import StudyDirection
+
+    sign = -1.0 if direction == StudyDirection.MAXIMIZE else 1.0
+
+    def target(t: FrozenTrial) -> float:
+        return sign * float(t.values[i])
 
     return target
 

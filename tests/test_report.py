@@ -186,3 +186,17 @@ def _distinct_colours(png: Path) -> int:
             idat += data[pos + 8 : pos + 8 + length]
         pos += 12 + length
     return len(set(zlib.decompress(idat)))
+
+
+def test_importances_of_several_objectives_rank_each_in_its_own_direction() -> None:
+    """Optuna's importance evaluator takes a custom target as one to minimise: a
+    maximised objective (accuracy) must be negated, or its importances explain the worst
+    trials."""
+    import optuna
+    from optuna.study import StudyDirection
+
+    from automl.report import _minimised
+
+    trial = optuna.trial.create_trial(values=[0.9, 1500.0], params={}, distributions={})
+    assert _minimised(0, StudyDirection.MAXIMIZE)(trial) == -0.9
+    assert _minimised(1, StudyDirection.MINIMIZE)(trial) == 1500.0
