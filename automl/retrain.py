@@ -491,10 +491,36 @@ def predict_file(
     from automl.data import read_table
 
     loaded = load_model_file(model_file)
-    frame, _ = read_table(
+    frame, image_shape = read_table(
         data_file, header=loaded.preprocessor.header, missing_hint="check the DATA_FILE path"
     )
+    if str(data_file).lower().endswith(".npz"):
+        frame = _npz_by_position(loaded, frame, image_shape, str(data_file))
     return predict_frame(loaded, frame, proba=proba, source=str(data_file))
+
+
+def _npz_by_position(
+    loaded: LoadedModel, frame: pd.DataFrame, image_shape: list[int] | None, source: str
+) -> pd.DataFrame:
+    """An NPZ's X (columns x0, x1, ...) for a model whose features have names (a bundled
+    dataset's, a CSV's): its values taken in order, as many as the model takes, whatever
+    X's shape (digits as N x 8 x 8, N x 1 x 8 x 8 or N x 64). A count that does not fit
+    is said as shapes, not as missing columns."""
+    pre = loaded.preprocessor
+    needed = pre.feature_columns
+    if set(needed) <= set(frame.columns) or pre.categorical:
+        return frame  # an NPZ model's own columns (or text features: by name only)
+    given = [c for c in frame.columns if c != "y"]
+    if len(given) != len(needed):
+        shape = " x ".join(map(str, image_shape)) if image_shape else str(len(given))
+        wanted = " x ".join(map(str, loaded.input_shape))
+        raise DataError(
+            f"{source}: each row of X holds {shape} values ({len(given)}); the model takes "
+            f"{wanted} ({len(needed)}) a row"
+        )
+    values = frame[given].copy()
+    values.columns = list(needed)
+    return values
 
 
 def predict_frame(

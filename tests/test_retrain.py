@@ -474,6 +474,19 @@ def test_cnn_model_predicts_images(tmp_path: Path) -> None:
     assert len(out) == 40
     assert list(out.columns) == ["prediction", *[f"proba_{d}" for d in range(10)]]
     assert set(out["prediction"]) <= set(range(10))
+    # The same images from an NPZ, whatever X's shape: its values in order.
+    images = frame.drop(columns=["target"]).to_numpy(dtype=np.float32)
+    for shape in [(40, 8, 8), (40, 1, 8, 8), (40, 64)]:
+        np.savez(tmp_path / "d.npz", X=images.reshape(shape))
+        npz = runner.invoke(app, ["predict", model, str(tmp_path / "d.npz"), "--proba"])
+        assert npz.exit_code == 0, npz.stderr
+        assert pd.read_csv(io.StringIO(npz.stdout)).equals(out)
+    np.savez(tmp_path / "d.npz", X=images[:, :49].reshape(40, 7, 7))
+    wrong = runner.invoke(app, ["predict", model, str(tmp_path / "d.npz")])
+    assert wrong.exit_code == 2
+    assert "each row of X holds 1 x 7 x 7 values (49); the model takes 1 x 8 x 8 (64)" in (
+        " ".join(wrong.stderr.split())
+    )
 
 
 @pytest.mark.parametrize(("run_seed", "number"), [(7, 5), (None, 2), (3, 0), (123456, 41)])
