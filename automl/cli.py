@@ -486,9 +486,14 @@ def run(
     )
     from automl.results import render_trials_table, top_trials
 
-    trials = top_trials(study_obj, limit=5)
-    if trials:
-        render_trials_table(out, study_obj, trials, title=f"best trials of '{name}'")
+    if len(study_obj.directions) > 1:  # several objectives: the Pareto front, not a ranking
+        front = sorted(study_obj.best_trials, key=lambda t: t.values[0])[:10]
+        if front:
+            render_trials_table(out, study_obj, front, title=f"Pareto front of '{name}'")
+    else:
+        trials = top_trials(study_obj, limit=5)
+        if trials:
+            render_trials_table(out, study_obj, trials, title=f"best trials of '{name}'")
     if exit_code:
         raise typer.Exit(exit_code)
 

@@ -287,6 +287,8 @@ def test_multi_objective_best_gives_the_pareto_front(tmp_path: Path) -> None:
     res = runner.invoke(app, ["run", "mo.yaml", "--n-trials", "6", "--storage", url, "--json"])
     assert res.exit_code == 0, res.output
     assert "study.pruner is off: Optuna cannot prune trials of several objectives" in res.stderr
+    table = runner.invoke(app, ["run", "mo.yaml", "--n-trials", "1", "--storage", url])
+    assert "Pareto front of 'mo'" in table.stdout and "best trials of" not in table.stdout
     res = runner.invoke(app, ["best", "mo", "--storage", url, "--json"])
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
@@ -294,7 +296,7 @@ def test_multi_objective_best_gives_the_pareto_front(tmp_path: Path) -> None:
     front = doc["best_trials"]
     assert front
     study = load_study("mo", url)
-    assert len([t for t in study.trials if t.state.name == "COMPLETE"]) == 6  # never pruned
+    assert len([t for t in study.trials if t.state.name == "COMPLETE"]) == 7  # never pruned
     values = {t.number: t.values for t in study.trials}
     for entry in front:
         assert set(entry["params"]) == {"hidden_units", "n_layers"}
