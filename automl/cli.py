@@ -627,13 +627,13 @@ def best(
     as_json: JsonOpt = False,
 ) -> None:
     """The best trial (or the Pareto front for several objectives)."""
-    from automl.results import best_summary, render_best
+    from automl.results import best_summary, no_complete_trial, render_best
     from automl.studies import load_study
 
     study_obj = load_study(study, storage)
     doc = best_summary(study_obj)
     if doc is None:
-        raise UsageError(f"study '{study}' has no complete trial yet; run it first")
+        raise UsageError(no_complete_trial(study_obj))
     if as_json:
         _print_json(doc)
         return

@@ -410,3 +410,16 @@ def _csv_cell(value: Any) -> Any:
     if isinstance(value, (dict, list, tuple)):
         return json.dumps(value, default=str)
     return value
+
+
+def no_complete_trial(study: optuna.Study) -> str:
+    """Why a study has no best trial yet, and what to look at: its trials by state."""
+    counts = Counter(t.state.name.lower() for t in study.get_trials(deepcopy=False))
+    name = study.study_name
+    if not counts:
+        return f"study '{name}' has no trial yet; run it first"
+    states = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+    return (
+        f"study '{name}' has no complete trial: its {sum(counts.values())} trial(s) are "
+        f"{states}; see why with automl show {name}"
+    )

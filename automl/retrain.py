@@ -61,9 +61,9 @@ def pick_trial(study: optuna.Study, number: int | None = None) -> FrozenTrial:
         try:
             return study.best_trial
         except ValueError:
-            raise UsageError(
-                f"study '{study.study_name}' has no complete trial yet; run it first"
-            ) from None
+            from automl.results import no_complete_trial
+
+            raise UsageError(no_complete_trial(study)) from None
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     if number not in trials:
         last = max(trials) if trials else None

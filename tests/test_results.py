@@ -246,3 +246,25 @@ def test_export_cli_json_to_file(study_url: str, tmp_path: Any) -> None:
     assert {"params", "values", "state", "user_attrs", "duration_seconds"} <= set(doc["trials"][0])
     bad = runner.invoke(app, ["export", "synthetic", "--storage", study_url, "--format", "xml"])
     assert bad.exit_code == 2
+
+
+def test_best_of_a_study_without_a_complete_trial_says_what_its_trials_are(
+    storage_url: str,
+) -> None:
+    import optuna
+    from typer.testing import CliRunner
+
+    from automl.cli import app
+
+    study = optuna.create_study(study_name="pruned", storage=storage_url)
+    for _ in range(3):
+        study.tell(study.ask(), state=optuna.trial.TrialState.PRUNED)
+    study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)
+    runner = CliRunner()
+    for args in (["best", "pruned"], ["retrain", "pruned", "-o", "m.pt"]):
+        result = runner.invoke(app, [*args, "--storage", storage_url])
+        assert result.exit_code == 2
+        assert (
+            "study 'pruned' has no complete trial: its 4 trial(s) are 1 fail, 3 pruned; see why "
+            "with automl show pruned" in " ".join(result.stderr.split())
+        )
