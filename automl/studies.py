@@ -461,8 +461,18 @@ def delete_study(name: str, storage_url: str | None = None) -> None:
     import optuna
 
     load_study(name, storage_url)  # raises StudyNotFoundError
-    storage = open_storage(resolve_storage_url(storage_url), create=False)
+    url = resolve_storage_url(storage_url)
+    storage = open_storage(url, create=False)
     optuna.delete_study(study_name=name, storage=storage)
+    # Its checkpoints and kept weights go with it (a new study of that name must not find
+    # them); only files this tool writes, in the study's own folder.
+    import shutil
+
+    from automl.checkpoints import study_checkpoint_dir
+
+    folder = study_checkpoint_dir(url, name)
+    if folder.is_dir() and all(p.suffix in (".pt", ".tmp") for p in folder.iterdir()):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def n_finished(study: optuna.Study, *, fresh: bool = False) -> int:

@@ -113,8 +113,13 @@ def test_delete_needs_yes(tiny_space: Path, storage_url: str) -> None:
     refused = _run("delete", "tiny", "--storage", storage_url)
     assert refused.exit_code == 2
     assert "--yes" in refused.stderr
+    from automl.checkpoints import study_checkpoint_dir
+
+    kept = study_checkpoint_dir(storage_url, "tiny")
+    assert list(kept.glob("*.weights.pt"))  # the best trial's weights
     assert _run("delete", "tiny", "--storage", storage_url, "--yes").exit_code == 0
     assert optuna.get_all_study_names(storage_url) == []
+    assert not kept.exists()  # a new study of that name must not find them
 
 
 def test_exit_codes_for_bad_file_and_unknown_study(tmp_path: Path, storage_url: str) -> None:
