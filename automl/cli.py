@@ -662,7 +662,8 @@ def export(
         sys.stdout.write(text)
     else:
         _write_text(output, text)
-        _stderr().print(f"wrote {len(study_obj.trials)} trials to {output}")
+        n = len(study_obj.trials)
+        _stderr().print(f"wrote {n} trial{'s' if n != 1 else ''} to {output}")
 
 
 @app.command()
@@ -827,7 +828,8 @@ def report_cmd(
     summary = write_report(study_obj, output, storage_url=storage)
     out = _stdout()
     out.print(
-        f"wrote {summary.path} ({summary.n_bytes / 1e6:.1f} MB, {summary.n_plots} plots); "
+        f"wrote {summary.path} ({summary.n_bytes / 1e6:.1f} MB, {summary.n_plots} "
+        f"plot{'s' if summary.n_plots != 1 else ''}); "
         "open it in any browser, no network needed",
         soft_wrap=True,
     )

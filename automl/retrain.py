@@ -51,6 +51,15 @@ class ParetoTrialRequired(UsageError):
 # --------------------------------------------------------------------------- choosing
 
 
+# How a trial's state reads in a sentence ("trial #3 failed").
+_STATE_WORDS = {
+    "FAIL": "failed",
+    "PRUNED": "was pruned",
+    "RUNNING": "is running",
+    "WAITING": "is waiting",
+}
+
+
 def pick_trial(study: optuna.Study, number: int | None = None) -> FrozenTrial:
     """The trial to retrain: ``number``, else the best (single objective only)."""
     from optuna.trial import TrialState
@@ -72,7 +81,7 @@ def pick_trial(study: optuna.Study, number: int | None = None) -> FrozenTrial:
     trial = trials[number]
     if trial.state != TrialState.COMPLETE:
         raise UsageError(
-            f"trial #{number} is {trial.state.name.lower()}, not complete; "
+            f"trial #{number} {_STATE_WORDS[trial.state.name]}, not complete; "
             "retrain a complete trial (see automl show --state complete)"
         )
     return trial

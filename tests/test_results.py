@@ -268,3 +268,10 @@ def test_best_of_a_study_without_a_complete_trial_says_what_its_trials_are(
             "study 'pruned' has no complete trial: its 4 trial(s) are 1 fail, 3 pruned; see why "
             "with automl show pruned" in " ".join(result.stderr.split())
         )
+    for number, words in ((0, "was pruned"), (3, "failed")):
+        one = runner.invoke(
+            app,
+            ["retrain", "pruned", "--trial", str(number), "-o", "m.pt", "--storage", storage_url],
+        )
+        assert one.exit_code == 2
+        assert f"trial #{number} {words}, not complete" in " ".join(one.stderr.split())
