@@ -256,13 +256,17 @@ def _plots(study: optuna.Study) -> list[tuple[str, PlotFn | None, str]]:
                     "",
                 )
             )
-    if any(t.intermediate_values for t in study.get_trials(deepcopy=False)):
+    from optuna.trial import TrialState
+
+    # (Optuna draws the curves of complete, pruned and running trials, never failed ones.)
+    drawn = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    if any(t.intermediate_values for t in study.get_trials(deepcopy=False, states=drawn)):
         out.append(("Learning curves", _bind(vis.plot_intermediate_values, study), ""))
     else:
         why = (
             "multi-objective trials report no per-epoch values"
             if multi
-            else "no trial reported per-epoch values"
+            else "no complete, pruned or running trial reported per-epoch values"
         )
         out.append(("Learning curves", None, why))
     if multi:

@@ -115,10 +115,21 @@ def test_report_falls_back_when_a_plot_cannot_be_drawn(storage_url: str) -> None
 
 def test_report_of_a_study_without_complete_trials(storage_url: str) -> None:
     study = optuna.create_study(study_name="empty", storage=storage_url)
-    study.add_trial(create_trial(state=TrialState.FAIL, user_attrs={"fail_reason": "boom"}))
+    study.add_trial(
+        create_trial(
+            state=TrialState.FAIL,
+            user_attrs={"fail_reason": "boom"},
+            intermediate_values={0: 0.4, 1: 0.5},  # it failed after two epochs
+        )
+    )
     page, summary = build_report(study)
     assert "No complete trial yet." in page
     assert "Optimization history: needs at least one complete trial" in summary.skipped
+    # Optuna draws no failed trial's curve: said, not an empty plot.
+    assert (
+        "Learning curves: no complete, pruned or running trial reported per-epoch values"
+        in summary.skipped
+    )
     assert "<td>1</td><td>boom</td>" in page
 
 
