@@ -244,12 +244,34 @@ def render_trials_table(
             table.add_column(name, justify="right" if right else "left", no_wrap=True)
     for row in rows:
         table.add_row(*row)
-    if left_out:
-        table.caption = (
-            f"not shown: {', '.join(left_out)} (see automl show --json or automl export)"
-        )
-        table.caption_justify = "left"
     console.print(table)
+    same = constant_params(trials)
+    if same:  # not a column each: named once, below the table
+        what = "parameters" if len(trials) == 1 else "the same in every row"
+        listed = ", ".join(f"{k} {format_value(v)}" for k, v in same.items())
+        console.print(f"{what}: {listed}", highlight=False)
+    if left_out:
+        console.print(
+            f"not shown: {', '.join(left_out)} (see automl show --json or automl export)",
+            highlight=False,
+        )
+
+
+def constant_params(trials: list[FrozenTrial]) -> dict[str, Any]:
+    """Parameters every one of ``trials`` has, with one value (left out of the columns by
+    key_params): a table of one trial, or of the best few that all took adam, names them
+    once under the table."""
+    if not trials:
+        return {}
+    shown = [display_params(t) for t in trials if t.params]
+    if not shown:
+        return {}
+    first = shown[0]
+    return {
+        name: value
+        for name, value in first.items()
+        if all(name in p and repr(p[name]) == repr(value) for p in shown[1:])
+    }
 
 
 def failure_reasons(study: optuna.Study) -> Counter[str]:

@@ -11,10 +11,17 @@ import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
+from rich.console import Console
 from typer.testing import CliRunner
 
 from automl.cli import app
-from automl.results import display_params, export_trials, key_params, trial_rows
+from automl.results import (
+    display_params,
+    export_trials,
+    key_params,
+    render_trials_table,
+    trial_rows,
+)
 
 runner = CliRunner()
 
@@ -275,3 +282,18 @@ def test_best_of_a_study_without_a_complete_trial_says_what_its_trials_are(
         )
         assert one.exit_code == 2
         assert f"trial #{number} {words}, not complete" in " ".join(one.stderr.split())
+
+
+def test_parameters_left_out_as_constant_are_named_under_the_table(study_url: str) -> None:
+    """Columns are parameters that vary; one that does not (a single trial's, or adam in
+    every best trial) was dropped without a word."""
+    study = optuna.load_study(study_name="synthetic", storage=study_url)
+    sgd_trials = [t for t in study.get_trials() if t.params.get("optimizer") == "sgd"][:1]
+    console = Console(width=80, record=True)
+    render_trials_table(console, study, sgd_trials, title="one")
+    text = console.export_text()
+    assert "parameters: optimizer sgd, lr" in " ".join(text.split())
+    adam = [t for t in study.get_trials() if t.params.get("optimizer") == "adam"]
+    console = Console(width=80, record=True)
+    render_trials_table(console, study, adam, title="adam")
+    assert "the same in every row: optimizer adam" in " ".join(console.export_text().split())
