@@ -103,6 +103,11 @@ class Objective:
                 if epoch not in inherited:  # Optuna keeps the first value and warns
                     trial.report(metrics[metric], epoch)
                 if trial.should_prune():
+                    # What it reached, as a finished trial records it (show, export).
+                    attrs = trial_attrs(config, metrics, device=self.device)
+                    if "n_params" not in metrics:
+                        attrs.pop("n_params")
+                    set_user_attrs(trial, {**attrs, "epochs_run": epoch + 1})
                     raise optuna.TrialPruned(
                         f"pruned at epoch {epoch + 1} with {metric}={metrics[metric]:.4g}"
                     )

@@ -196,6 +196,10 @@ def test_a_median_pruner_prunes_a_trial_worse_than_the_median(tmp_path: Path) ->
     assert frozen.state.name == "PRUNED"
     assert frozen.intermediate_values[0] < learner.intermediate_values[0]
     assert list(frozen.intermediate_values) == [0]  # stopped after its first epoch
+    # It records what it reached, as a finished trial does (show's epochs, export).
+    assert frozen.user_attrs["epochs_run"] == 1
+    assert frozen.user_attrs["val_loss"] > 0 and "val_accuracy" in frozen.user_attrs
+    assert frozen.user_attrs["prune_reason"].startswith("pruned at epoch 1")
 
 
 @pytest.mark.parametrize(
