@@ -964,7 +964,8 @@ def space_show(space_file: Annotated[Path, typer.Argument(metavar="SPACE")]) -> 
     out.print(
         f"data: {source}  model: {space.model}  epochs: {space.train.epochs}  "
         f"patience: {space.train.patience}  objective: {', '.join(space.objectives)}  "
-        f"sampler: {space.study.sampler.name}  pruner: {space.study.pruner.name}"
+        f"sampler: {space.study.sampler.name}  pruner: "
+        f"{'none (several objectives)' if space.is_multi_objective else space.study.pruner.name}"
     )
 
 

@@ -146,6 +146,17 @@ def test_space_check_and_show(tiny_space: Path, tmp_path: Path) -> None:
     shown = _run("space", "show", str(tiny_space))
     assert shown.exit_code == 0
     assert "sgd_momentum" in shown.stdout and "optimizer = sgd" in shown.stdout
+    assert "searched parameter(s)" in ok.stdout and "fixed" not in ok.stdout
+    several = tmp_path / "several.yaml"
+    several.write_text(
+        "data: {dataset: iris}\nobjective: [val_accuracy, n_params]\n"
+        "space: {optimizer: {adam: {lr: 0.01}}, dropout: {low: 0, high: 0.5}}\n"
+    )
+    checked = _run("space", "check", str(several))
+    assert "(1 searched parameter(s), 1 fixed, objective val_accuracy, n_params)" in " ".join(
+        checked.stdout.split()
+    )
+    assert "pruner: none (several objectives)" in _run("space", "show", str(several)).stdout
 
 
 def test_space_new_writes_a_valid_starter(tmp_path: Path) -> None:
