@@ -613,6 +613,12 @@ def show(
         _print_json([trial_doc(t) for t in trials[:limit]])
         return
     out = _stdout()
+    if not trials:
+        n = len(study_obj.get_trials(deepcopy=False))
+        word = {"fail": "failed"}.get(state.lower(), state.lower()) if state else ""
+        what = f"no {word} trial" if state else "no trial yet"
+        out.print(f"study '{study}': {what} (of {n})" if state else f"study '{study}': {what}")
+        return
     render_trials_table(out, study_obj, trials[:limit], title=f"trials of '{study}'")
     if len(trials) > limit:
         out.print(f"({len(trials) - limit} more; use --limit)")

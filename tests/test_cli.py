@@ -239,3 +239,10 @@ def test_the_process_ends_even_when_closing_up_hangs(tmp_path: Path) -> None:
     )
     assert done.returncode == 2, done.stderr  # the command's own status: no such storage
     assert "no study storage" in done.stderr
+
+
+def test_show_with_no_trial_in_the_state_says_so(tiny_space: Path, storage_url: str) -> None:
+    assert _run("run", str(tiny_space), "--storage", storage_url, "--n-trials", "1").exit_code == 0
+    shown = _run("show", "tiny", "--state", "fail", "--storage", storage_url)
+    assert shown.exit_code == 0
+    assert "study 'tiny': no failed trial (of 1)" in shown.stdout
