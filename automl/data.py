@@ -769,6 +769,11 @@ def _is_row_index(column: pd.Series) -> bool:
     return start in (0, 1) and bool(np.array_equal(values, np.arange(start, start + len(values))))
 
 
+# The largest CSV whose class labels are read a second time, as text (a column of a big
+# file costs a parse of the whole file).
+LABELS_REREAD_BYTES = 256 * 2**20
+
+
 def _labels_as_written(spec: DataSpec, frame: pd.DataFrame, column: str) -> pd.Series | None:
     """A CSV target of class labels that read as numbers, as the file writes them, when
     reading them as numbers merged some ('01' and '1' are both 1): the labels keep their
@@ -780,7 +785,7 @@ def _labels_as_written(spec: DataSpec, frame: pd.DataFrame, column: str) -> pd.S
     if options is None or spec.path is None or not _is_number_column(target):
         return None
     task = spec.task if spec.task != "auto" else infer_task(target)
-    if task != "classification":
+    if task != "classification" or Path(spec.path).stat().st_size > LABELS_REREAD_BYTES:
         return None
     texts = pd.read_csv(
         spec.path,
