@@ -614,10 +614,12 @@ def show(
         return
     out = _stdout()
     if not trials:
-        n = len(study_obj.get_trials(deepcopy=False))
-        word = {"fail": "failed"}.get(state.lower(), state.lower()) if state else ""
-        what = f"no {word} trial" if state else "no trial yet"
-        out.print(f"study '{study}': {what} (of {n})" if state else f"study '{study}': {what}")
+        if state:
+            word = {"fail": "failed"}.get(state.lower(), state.lower())
+            n = len(study_obj.get_trials(deepcopy=False))
+            out.print(f"study '{study}': no {word} trial (of {n})")
+        else:
+            out.print(f"study '{study}': no trial yet")
         return
     render_trials_table(out, study_obj, trials[:limit], title=f"trials of '{study}'")
     if len(trials) > limit:

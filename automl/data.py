@@ -66,12 +66,11 @@ class Preprocessor:
         training split) and keep what they learned as plain lists. The statistics are
         scikit-learn's SimpleImputer, StandardScaler and OneHotEncoder ones, computed the
         same way (a test compares them) without importing scikit-learn (about 1 s)."""
-        import pandas as pd
 
         self.numeric, self.categorical = [], []
         for col in frame.columns:
             series = frame[col]
-            if pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series):
+            if _is_number_column(series):
                 self.numeric.append(str(col))
             else:
                 self.categorical.append(str(col))
@@ -222,10 +221,10 @@ def _numbers_with_strays(frame: pd.DataFrame, path: str | Path) -> None:
 
     for col in frame.columns:
         series = frame[col]
-        if pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(series):
-            continue
-        if not (pd.api.types.is_object_dtype(series) or pd.api.types.is_string_dtype(series)):
-            continue  # (dates, categoricals: as they are)
+        if _is_number_column(series) or not (
+            pd.api.types.is_object_dtype(series) or pd.api.types.is_string_dtype(series)
+        ):
+            continue  # (numbers, booleans, dates, categoricals: as they are)
         present = series.notna()
         numbers = pd.to_numeric(series, errors="coerce")
         n_numbers = int(numbers.notna().sum())
@@ -517,7 +516,7 @@ def read_table(
         if suffix in CSV_SUFFIXES:
             kind = None if compressed else _binary_kind(p)
             if kind:
-                raise DataError(f"{p}: is {kind}, not CSV text; {BINARY_FIXES[kind]}")
+                raise DataError(f"{p}: is {kind}")
             sep, decimal = ("\t", ".") if suffix == ".tsv" else _sniff_csv(p)
             try:
                 frame = pd.read_csv(
@@ -595,10 +594,9 @@ _MANGLED = re.compile(r"^(.*)\.\d+$")
 
 
 # Binary files named like text, by their first bytes, and what to do with each.
-BINARY_KINDS = {b"PAR1": "a Parquet file", b"PK\x03\x04": "a zip archive (an Excel workbook?)"}
-BINARY_FIXES = {
-    "a Parquet file": "name it .parquet",
-    "a zip archive (an Excel workbook?)": "save the sheet as CSV",
+BINARY_KINDS = {
+    b"PAR1": "a Parquet file, not CSV text; name it .parquet",
+    b"PK\x03\x04": "a zip archive (an Excel workbook?), not CSV text; save the sheet as CSV",
 }
 
 

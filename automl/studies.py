@@ -43,10 +43,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 
-# Heartbeats, grouped TPE and friends are marked experimental in Optuna; we use them on
-# purpose, and drive heartbeats ourselves around ask/tell.
-warnings.filterwarnings("ignore", message=r".*experimental feature.*")
-warnings.filterwarnings("ignore", message=r".* is experimental \(supported from")
+# Optuna's experimental warnings are silenced in storage.py (imported above). We drive
+# heartbeats ourselves around ask/tell (lifecycle.Heartbeats).
 warnings.filterwarnings("ignore", message=r"Heartbeat of storage is supposed to be used")
 # A trial resumed from a checkpoint may re-run the one epoch it reported before dying.
 warnings.filterwarnings("ignore", message=r"The reported value is ignored because this")
@@ -277,6 +275,21 @@ def resumed_seed(seed: int | None, n_trials: int) -> int | None:
     if seed is None or n_trials == 0:
         return seed
     return (seed + 104_729 * n_trials) % 2**32
+
+
+def load_for_space(space: Space, seed: int | None) -> tuple[Space, Any]:
+    """The space's data, loaded and split with ``seed``, and the space fitted to the task
+    found there (a data file's is known only now: the default loss follows it). Losses and
+    metrics that do not fit the task are bad input, raised before anything is written."""
+    from automl.data import load_dataset
+    from automl.spaces import check_task_fit
+
+    dataset = load_dataset(space.data, seed=seed or 0)
+    space = space.for_task(dataset.task)
+    check_task_fit(
+        dataset.task, space.loss.names, space.objectives, n_classes=dataset.n_classes or None
+    )
+    return space, dataset
 
 
 def _reseed_if_raced(sampler: optuna.samplers.BaseSampler, expected: int, seed: int | None) -> None:
@@ -614,7 +627,7 @@ def run_study(space: Space, options: RunOptions, observer: RunObserver | None = 
     SIGINT/SIGTERM record the current trial as failed ("interrupted"), queue its retry and
     raise RunInterrupted. No trial of this call is left RUNNING when it returns or raises."""
     from automl.checkpoints import study_checkpoint_dir
-    from automl.data import load_dataset, resolve_device, to_device
+    from automl.data import resolve_device, to_device
     from automl.lifecycle import (
         GracefulStop,
         RunInterrupted,
@@ -624,7 +637,6 @@ def run_study(space: Space, options: RunOptions, observer: RunObserver | None = 
         parse_warm_start,
         warm_start_from,
     )
-    from automl.spaces import check_task_fit
 
     obs = observer or NullObserver()
     seed = options.seed if options.seed is not None else space.study.seed
@@ -638,11 +650,7 @@ def run_study(space: Space, options: RunOptions, observer: RunObserver | None = 
 
     configure_threads(device)
     # Bad data is bad input: find it before anything is written to the storage.
-    dataset = load_dataset(space.data, seed=seed or 0)
-    space = space.for_task(dataset.task)
-    check_task_fit(
-        dataset.task, space.loss.names, space.objectives, n_classes=dataset.n_classes or None
-    )
+    space, dataset = load_for_space(space, seed)
     data = to_device(dataset, device, model=space.model)
 
     create_sampler(space, seed), create_pruner(space)  # bad options: fail before writing

@@ -136,17 +136,11 @@ class WorkersResult:
 def prepare_study(space: Space, study_name: str, storage_url: str, *, seed: int | None) -> None:
     """Check the data, then create the study once, before any worker starts (so N workers
     never race to create it, and bad data writes nothing)."""
-    from automl.data import load_dataset
-    from automl.spaces import check_task_fit
     from automl.storage import open_storage
-    from automl.studies import create_study
+    from automl.studies import create_study, load_for_space
 
     seed = seed if seed is not None else space.study.seed
-    dataset = load_dataset(space.data, seed=seed or 0)
-    space = space.for_task(dataset.task)
-    check_task_fit(
-        dataset.task, space.loss.names, space.objectives, n_classes=dataset.n_classes or None
-    )
+    space, _ = load_for_space(space, seed)
     create_study(space, study_name, open_storage(storage_url), seed=seed)
 
 
