@@ -262,6 +262,17 @@ class RunStorage(_CachedStorage):
                 made = (self._generation, ordered)
                 self._sorted[key] = made
             listed = made[1]
+            if self._owned:
+                # This process's running trials as they are now, not as last read: the
+                # cache's copy lacked what was written since (the parameters and TPE's
+                # relative parameters of a pack's trials asked a moment ago), so a
+                # sampler's constant liar saw them or not as the refresh timer fell, and
+                # a seeded --pack run proposed different trials from one run to the next.
+                owned = self._owned
+                listed = [
+                    owned.get(t._trial_id, t) if t.state == TrialState.RUNNING else t
+                    for t in listed
+                ]
         return copy.deepcopy(listed) if deepcopy else list(listed)
 
     def create_new_trial(self, study_id: int, template_trial: Any = None) -> int:

@@ -191,3 +191,23 @@ def test_a_waiting_trial_is_claimed_by_one_process_only(storage_url: str) -> Non
         w.join(timeout=60)
         assert w.exitcode == 0
     assert sorted(claimed) == list(range(1, 30))  # each once, none twice
+
+
+def test_own_running_trials_are_listed_as_they_are_now(storage_url: str) -> None:
+    """A sampler's constant liar lists the running trials: this process's must show what
+    was set on them since the last read (a pack's trials asked a moment ago). The cache's
+    copy, read back from the database before their parameters were written, lacked them,
+    so whether the liar saw them hung on the refresh timer, and seeded --pack runs
+    proposed different trials from one run to the next."""
+    mine = RunStorage(RDBStorage(storage_url), refresh=3600)
+    study = _study(mine)
+    trial = study.ask()
+    mine.read_now()
+    assert [t.params for t in study.get_trials()] == [{}]  # read back from the database
+    x = trial.suggest_float("x", 0.0, 1.0)
+    study._storage.set_trial_system_attr(trial._trial_id, "tpe:relative_params:0", "{}")
+    listed = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    assert [t.params for t in listed] == [{"x": x}]
+    assert listed[0].system_attrs["tpe:relative_params:0"] == "{}"
+    study.tell(trial, 1.0)  # finished: listed as the cache holds it
+    assert [(t.state, t.params) for t in study.get_trials()] == [(TrialState.COMPLETE, {"x": x})]
