@@ -33,13 +33,14 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import optuna
 import torch
 import torch.nn.functional as F
+from optuna.trial import TrialState
 from torch import nn
 
 from automl.models import (
@@ -62,6 +63,7 @@ from automl.training import (
 
 if TYPE_CHECKING:
     from automl.data import DeviceData
+    from automl.pack_pool import MemberRecord
     from automl.training import EpochHook
 
 log = logging.getLogger(__name__)
@@ -143,13 +145,11 @@ def padded_width(width: int) -> int:
 # dropout; widths 8..128 and groups of 2..32, fitted on the 2-core build machine, whose
 # speed wanders by a third from one minute to the next): a fused group costs a fixed
 # GROUP_MS plus, per member, MEMBER_MS and MS_PER_MFLOP times its forward-and-backward
-# work at the group's padded width; a model trained alone costs ALONE_MS plus
-# ALONE_MS_PER_MFLOP times the same work at its own width. Only the ratios matter.
-GROUP_MS = 0.43
-MEMBER_MS = 0.04
-MS_PER_MFLOP = 0.028
-ALONE_MS = 0.66
-ALONE_MS_PER_MFLOP = 0.022
+# work at the group's padded width. A group of one member is priced the same way. Only
+# the ratios matter.
+GROUP_MS = 0.16
+MEMBER_MS = 0.014
+MS_PER_MFLOP = 0.021
 
 
 def split_by_width(
@@ -157,7 +157,7 @@ def split_by_width(
 ) -> list[list[int]]:
     """Split one fused group (indices into ``configs``, which share a ``group_key``) into
     sub-groups of similar widths, each padded to its own widest member, in the way the
-    cost model above says is fastest; a sub-group of one is trained alone.
+    cost model above says is fastest (a sub-group may be a single member).
 
     On a CPU a padded unit costs as much as a real one: a 4-unit member padded to 128
     units does the work of a 128-unit model, and a batch of wide members gains nothing
@@ -175,10 +175,7 @@ def split_by_width(
         return 6.0 * batch * per_row / 1e6
 
     def cost(lo: int, hi: int) -> float:  # members order[lo..hi], padded to order[hi]
-        width = configs[order[hi]].hidden_units
-        if lo == hi:
-            return ALONE_MS + ALONE_MS_PER_MFLOP * mflops(width)
-        padded = padded_width(width)
+        padded = padded_width(configs[order[hi]].hidden_units)
         return GROUP_MS + (hi - lo + 1) * (MEMBER_MS + MS_PER_MFLOP * mflops(padded))
 
     n = len(order)
@@ -1068,13 +1065,16 @@ def train_packed(
     patience: int = 0,
     on_epoch: Sequence[EpochHook | None] | None = None,
     keep_state: bool = True,
+    _rank: Sequence[int] | None = None,
 ) -> list[PackedResult | Exception]:
     """Train compatible ``configs`` (see ``group_key``) as one fused model.
 
     ``on_epoch[m](epoch, metrics)`` is member m's hook, as in ``training.train`` (it may
-    raise, e.g. TrialPruned, to end that member). Returns per member its PackedResult, or
-    the exception that ended it (TrialDiverged, TrialPruned, ...). A BaseException that is
-    not an Exception (a stop signal) ends the whole group and propagates."""
+    raise, e.g. TrialPruned, to end that member); each epoch the hooks run in the order of
+    ``configs`` (a pruner may compare a member with the ones before it: _PackPruner).
+    Returns per member its PackedResult, or the exception that ended it (TrialDiverged,
+    TrialPruned, ...). A BaseException that is not an Exception (a stop signal) ends the
+    whole group and propagates."""
     if not configs:
         return []
     keys = {group_key(c) for c in configs}
@@ -1099,11 +1099,13 @@ def train_packed(
             patience=patience,
             on_epoch=[hooks[i] for i in order],
             keep_state=keep_state,
+            _rank=order,
         )
         back: list[PackedResult | Exception] = [RuntimeError("unset")] * len(configs)
         for position, i in enumerate(order):
             back[i] = ordered[position]
         return back
+    rank = list(_rank) if _rank is not None else list(range(len(configs)))
     members = [
         _Member(c, hook, torch.Generator().manual_seed(c.seed))
         for c, hook in zip(configs, hooks, strict=True)
@@ -1133,7 +1135,9 @@ def train_packed(
         )
         ended: set[int] = set()
         improved: list[int] = []
-        for row, index in enumerate(alive):
+        # The hooks in the caller's order of the members (see _rank), not the optimizers'.
+        in_order = sorted(enumerate(alive), key=lambda ri: rank[ri[1]])
+        for row, index in in_order:
             member = members[index]
             try:
                 metrics = _epoch_metrics(measured[row], train_loss[row], epoch, member)
@@ -1474,33 +1478,120 @@ def run_packed(run: Any) -> None:
 
 
 def _train_pack(run: Any, trials: list[optuna.Trial], retry_history: Any) -> None:
-    """Train asked trials: compatible ones fused, the rest (and retries, which resume
-    their checkpoint) one by one; tell each."""
+    """Train asked trials: compatible ones fused, in pieces (pack_pieces), the rest (and
+    retries, which resume their checkpoint) one by one; tell each. With helper processes
+    (pack_pool), they train pieces while this process trains the rest."""
     from automl.studies import _run_trial
 
+    pool = getattr(run, "pack_pool", None)
+    processes = pool.processes if pool is not None else 1
+    finished = run.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    pruner = run.study.pruner
+    short = getattr(pruner, "_n_startup_trials", 0) - len(finished) if pack_pruning(pruner) else 0
+    if processes > 1 and 0 < short < len(trials):
+        # Too few finished trials to prune by (a new study's first pack): the first
+        # ``short`` trials cannot be pruned, so they train first, shared out; then the
+        # rest, judged against them (as they would be trained one after another).
+        order = sorted(trials, key=lambda t: t.number)
+        _train_pack(run, order[:short], retry_history)
+        _train_pack(run, order[short:], retry_history)
+        return
     configs = [run.objective.config_for(t, _original(t)) for t in trials]
-    k = len(trials)
-    fusable = [i for i, t in enumerate(trials) if not retry_history(t)]
-    groups, alone = group_configs([configs[i] for i in fusable])
+    fusable = [not retry_history(t) for t in trials]
     data = run.objective.data
+    pieces, alone = pack_pieces(configs, fusable, data, processes=processes)
+    if pool is None or processes < 2:
+        for piece in pieces:
+            _run_group(run, [trials[i] for i in piece], [configs[i] for i in piece])
+        for i in alone:
+            run.count(_run_trial(run, trials[i]))
+        return
+    # Every piece is judged against the trials finished before the pack (and its own
+    # earlier members), whichever process trains it and whenever: the same pruning
+    # decisions however the pieces are shared out.
+    jobs = [  # (pieces come costliest first; the helpers take them in that order)
+        pool.job(key, [trials[i] for i in piece], [configs[i] for i in piece], run, finished)
+        for key, piece in enumerate(pieces)
+    ]
+    with pool.session(jobs) as session:
+        for i in alone:  # only this process trains these: first, while helpers take pieces
+            run.count(_run_trial(run, trials[i]))
+        for key, reply in session:  # reply None: train it here
+            piece = pieces[key]
+            members = [trials[i] for i in piece]
+            _run_group(run, members, [configs[i] for i in piece], finished=finished, reply=reply)
+
+
+def pack_pieces(
+    configs: Sequence[TrialConfig],
+    fusable: Sequence[bool],
+    data: DeviceData,
+    *,
+    processes: int = 1,
+) -> tuple[list[list[int]], list[int]]:
+    """Indices of ``configs`` as fused pieces, most costly first (a piece of one member
+    trains fused too: the fused loop is two to three times faster than the sequential
+    one), and the ones to train one by one: those ``fusable`` marks False (retries, which
+    resume a checkpoint) and those that cannot be fused. Groups of a shared structure are
+    split by width (split_by_width); with several ``processes`` the costliest pieces are
+    halved until the work can be shared out evenly."""
+    indices = [i for i, f in enumerate(fusable) if f]
+    groups, alone = group_configs([configs[i] for i in indices])
     n_features = math.prod(int(d) for d in data.input_shape)
     device = data.X_train.device.type
-    split: list[list[int]] = []
+    pieces: list[list[int]] = []
     for group in groups:
-        members = [fusable[i] for i in group]
+        members = [indices[i] for i in group]
         parts = split_by_width([configs[i] for i in members], n_features, data.n_outputs, device)
-        for part in parts:
-            chosen = [members[i] for i in part]
-            if len(chosen) > 1:
-                split.append(chosen)
-            else:
-                alone.append(group[part[0]])
-    groups = split
-    alone = sorted({*(fusable[i] for i in alone), *(i for i in range(k) if i not in fusable)})
-    for group in groups:
-        _run_group(run, [trials[i] for i in group], [configs[i] for i in group])
-    for i in alone:
-        run.count(_run_trial(run, trials[i]))
+        pieces.extend([members[i] for i in part] for part in parts)
+    for i in alone:  # alone because it has no partner: fused on its own
+        if group_key(configs[indices[i]]) is not None:
+            pieces.append([indices[i]])
+    in_pieces = {i for piece in pieces for i in piece}
+    rest = sorted(i for i in range(len(configs)) if i not in in_pieces)
+    n_rows = int(data.X_train.shape[0])
+
+    def cost(piece: list[int]) -> float:
+        return piece_cost([configs[i] for i in piece], n_features, data.n_outputs, n_rows)
+
+    if processes > 1 and device == "cpu":
+        pieces = _balance(pieces, cost, processes)
+    # Members in the order they were asked (the order the pruner judges them in).
+    return sorted((sorted(p) for p in pieces), key=cost, reverse=True), rest
+
+
+def _balance(
+    pieces: list[list[int]], cost: Callable[[list[int]], float], processes: int
+) -> list[list[int]]:
+    """Halve the costliest piece (members in width order, cut where the two halves cost
+    most alike) while it costs more than an even share of the work among ``processes``
+    and has two members or more; at most 4 pieces a process."""
+    pieces = [list(p) for p in pieces]
+    while len(pieces) < 4 * processes:
+        total = sum(cost(p) for p in pieces)
+        biggest = max(pieces, key=cost)
+        if len(biggest) < 2 or cost(biggest) <= 1.05 * total / processes:
+            break
+        cut = min(
+            range(1, len(biggest)),
+            key=lambda c: max(cost(biggest[:c]), cost(biggest[c:])),
+        )
+        pieces.remove(biggest)
+        pieces += [biggest[:cut], biggest[cut:]]
+    return pieces
+
+
+def piece_cost(
+    configs: Sequence[TrialConfig], n_features: int, n_outputs: int, n_rows: int
+) -> float:
+    """Milliseconds (by the cost model of split_by_width) to train ``configs`` as one
+    fused group padded to its widest member, every member for all its epochs."""
+    first = configs[0]
+    width = padded_width(max(c.hidden_units for c in configs))
+    steps = -(-n_rows // first.batch_size) * first.epochs
+    per_row = n_features * width + (first.n_layers - 1) * width * width + width * n_outputs
+    mflops = 6.0 * first.batch_size * per_row / 1e6
+    return steps * (GROUP_MS + len(configs) * (MEMBER_MS + MS_PER_MFLOP * mflops))
 
 
 # Searched names that decide a trial's group (group_key): a pack shares them.
@@ -1618,24 +1709,57 @@ def _room(run: Any) -> int:
     return max(1, min(room)) if room else max(1, int(opts.pack))
 
 
-def _run_group(run: Any, trials: Sequence[optuna.Trial], configs: Sequence[TrialConfig]) -> None:
-    """Train one fused group and tell each member's trial its own end."""
+def _run_group(
+    run: Any,
+    trials: Sequence[optuna.Trial],
+    configs: Sequence[TrialConfig],
+    *,
+    finished: Sequence[optuna.trial.FrozenTrial] | None = None,
+    reply: Sequence[MemberRecord] | None = None,
+) -> None:
+    """Train one fused group and tell each member's trial its own end; or, with
+    ``reply``, take what a helper process recorded training it (pack_pool) and tell the
+    same as if it had trained here: each epoch reported, each pruning decision repeated.
+
+    ``finished``: the trials the pruner compares with (with the members before each:
+    _PackPruner); None for the study's finished trials as they are now."""
     from automl.checkpoints import Checkpointer
 
     objective = run.objective
+    # In the order they were asked: each epoch the members report (and the pruner judges
+    # them) in that order, as if they had trained one after another (_PackPruner).
+    order = sorted(range(len(trials)), key=lambda i: trials[i].number)
+    trials = [trials[i] for i in order]
+    configs = [configs[i] for i in order]
+    if reply is not None:
+        reply = [reply[i] for i in order]
     hooks = [objective.epoch_hook(t, c) for t, c in zip(trials, configs, strict=True)]
+    study = run.study
+    pruner = study.pruner
+    if reply is not None:
+        study.pruner = _Replayed(pruner, trials, reply)
+    elif pack_pruning(pruner):
+        direction = study.direction if len(study.directions) == 1 else None
+        study.pruner = _PackPruner(pruner, trials, finished=finished, direction=direction)
     try:  # (the members' heartbeats are run_packed's, for the whole pack)
-        results: Sequence[PackedResult | BaseException] = train_packed(
-            configs,
-            objective.data,
-            objective=objective.space.objectives[0],
-            patience=objective.space.train.patience,
-            on_epoch=hooks,
-        )
+        if reply is not None:
+            results: Sequence[PackedResult | BaseException] = [
+                _replay(record, hook) for record, hook in zip(reply, hooks, strict=True)
+            ]
+        else:
+            results = train_packed(
+                configs,
+                objective.data,
+                objective=objective.space.objectives[0],
+                patience=objective.space.train.patience,
+                on_epoch=hooks,
+            )
     except Exception as exc:  # the group as a whole failed: every member fails
         first = (str(exc).splitlines() or [""])[0][:200]
         results = [exc] * len(trials)
         log.debug("fused group failed: %s", first, exc_info=True)
+    finally:
+        study.pruner = pruner
     # Every member is told before a signal (deferred to the block's end) or the failure
     # limit (run.count) may stop the run.
     told = []
@@ -1646,6 +1770,139 @@ def _run_group(run: Any, trials: Sequence[optuna.Trial], configs: Sequence[Trial
             told.append(_tell_member(run, trial, checkpoint, outcome))
     for frozen in told:
         run.count(frozen)
+
+
+# --------------------------------------------------------------------------- pack pruning
+
+
+def pack_pruning(pruner: optuna.pruners.BasePruner) -> bool:
+    """Whether ``pruner`` judges a trial by the finished trials' values at each step (the
+    percentile and median pruners): _PackPruner then counts a group's earlier members."""
+    return isinstance(pruner, optuna.pruners.PercentilePruner)
+
+
+class _PackPruner(optuna.pruners.BasePruner):
+    """The study's percentile (or median) pruner for the members of one fused group.
+
+    Optuna's percentile pruner compares a trial, at each step, with the trials already
+    *finished* at that step. The members of a group train side by side, so none of them
+    has finished while the others train: a study's first group trained unpruned (there
+    was nothing to compare with), and the weak trials it finished lowered the median that
+    every later trial was held to, so that later groups hardly pruned either (a 64-trial
+    ``--pack 8`` search trained 509 epochs, against 343 one trial at a time).
+
+    Here a member is judged as if the group had trained one after another, in the order
+    its trials were asked: against the finished trials *and* the members asked before it
+    that are still training (they have reported this step and were not pruned), which
+    would have finished before it started. The base pruner's own settings (startup
+    trials, warm-up steps, interval, percentile) apply unchanged.
+
+    ``finished``: the finished trials to compare with (a snapshot taken when the pack
+    started, so that a piece is judged alike in whichever process trains it); None for
+    the study's own, as they are at each step. ``direction``: the study's."""
+
+    def __init__(
+        self,
+        base: optuna.pruners.BasePruner,
+        trials: Sequence[optuna.Trial | optuna.trial.FrozenTrial],
+        *,
+        finished: Sequence[optuna.trial.FrozenTrial] | None = None,
+        direction: optuna.study.StudyDirection | None = None,
+    ) -> None:
+        self.base = base
+        self.numbers = {t._trial_id: t.number for t in trials}
+        self.finished = None if finished is None else list(finished)
+        self.direction = direction
+        # Each member's latest frozen trial (what Trial.should_prune passes), and the
+        # members pruned so far.
+        self.latest: dict[int, optuna.trial.FrozenTrial] = {}
+        self.pruned: set[int] = set()
+
+    def prune(self, study: Any, trial: optuna.trial.FrozenTrial) -> bool:
+        number = self.numbers.get(trial._trial_id)
+        if number is None:
+            return self.base.prune(study, trial)
+        self.latest[trial._trial_id] = trial
+        earlier = [
+            frozen
+            for trial_id, frozen in self.latest.items()
+            if self.numbers[trial_id] < number and trial_id not in self.pruned
+        ]
+        view = _PackView(study, self.finished, earlier, self.direction)
+        decision = bool(self.base.prune(view, trial))  # type: ignore[arg-type]
+        if decision:
+            self.pruned.add(trial._trial_id)
+        return decision
+
+
+class _PackView:
+    """What a percentile pruner reads of a study (``get_trials`` of finished trials,
+    ``direction``) for _PackPruner: the finished trials (``study``'s own when
+    ``finished`` is None) and the group's ``earlier`` members."""
+
+    def __init__(
+        self,
+        study: Any,
+        finished: list[optuna.trial.FrozenTrial] | None,
+        earlier: list[optuna.trial.FrozenTrial],
+        direction: optuna.study.StudyDirection | None,
+    ) -> None:
+        self._study = study
+        self._finished = finished
+        self._earlier = earlier
+        self._direction = direction
+
+    @property
+    def direction(self) -> optuna.study.StudyDirection:
+        return self._direction if self._direction is not None else self._study.direction
+
+    def get_trials(
+        self, deepcopy: bool = True, states: Container[TrialState] | None = None
+    ) -> list[optuna.trial.FrozenTrial]:
+        if states is not None and TrialState.COMPLETE not in states:
+            return [] if self._finished is not None else self._study.get_trials(deepcopy, states)
+        if self._finished is None:
+            finished = self._study.get_trials(deepcopy=deepcopy, states=states)
+        else:
+            finished = self._finished
+        return [*finished, *self._earlier]
+
+
+class _Replayed(optuna.pruners.BasePruner):
+    """The pruning decisions a helper process took for a group's members (pack_pool),
+    given again when their epochs are reported here: pruned at its recorded epoch."""
+
+    def __init__(
+        self,
+        base: optuna.pruners.BasePruner,
+        trials: Sequence[optuna.Trial],
+        records: Sequence[MemberRecord],
+    ) -> None:
+        self.base = base
+        self.pruned_at = {
+            t._trial_id: len(r.history) - 1
+            for t, r in zip(trials, records, strict=True)
+            if r.kind == "pruned"
+        }
+        self.members = {t._trial_id for t in trials}
+
+    def prune(self, study: Any, trial: optuna.trial.FrozenTrial) -> bool:
+        if trial._trial_id not in self.members:
+            return self.base.prune(study, trial)
+        return trial.last_step is not None and trial.last_step == self.pruned_at.get(
+            trial._trial_id
+        )
+
+
+def _replay(record: MemberRecord, hook: EpochHook) -> PackedResult | Exception:
+    """A member's end as train_packed gives it, from a helper's ``record``: its epochs
+    reported again through ``hook`` (which raises TrialPruned at a pruned epoch)."""
+    try:
+        for epoch, metrics in enumerate(record.history):
+            hook(epoch, dict(metrics))
+    except Exception as exc:
+        return exc
+    return record.outcome()
 
 
 def _outcome(

@@ -574,6 +574,7 @@ class _Run:
     started: float = field(default_factory=time.monotonic)
     consecutive_failures: int = 0
     interrupted: str = ""  # what happened to the trial a signal stopped
+    pack_pool: Any = None  # pack_pool.Pool: helper processes that train --pack pieces
 
     def stop_reason(self) -> str | None:
         """Why no further trial should start, or None to go on."""
@@ -626,6 +627,25 @@ def run_study(space: Space, options: RunOptions, observer: RunObserver | None = 
     killed run are failed by their heartbeat and retried from their last epoch checkpoint;
     SIGINT/SIGTERM record the current trial as failed ("interrupted"), queue its retry and
     raise RunInterrupted. No trial of this call is left RUNNING when it returns or raises."""
+    from automl.lifecycle import parse_warm_start
+
+    obs = observer or NullObserver()
+    seed = options.seed if options.seed is not None else space.study.seed
+    if options.warm_start:
+        parse_warm_start(options.warm_start)  # a malformed flag is bad input: fail first
+    done = _budget_already_met(options, obs)
+    if done is not None:  # the cron case: no data, no torch, just say so
+        return done
+    from automl.pack_pool import maybe_pool
+
+    # Helper processes for --pack start now, importing torch beside this process.
+    with maybe_pool(space, options.pack, options.device) as pool:
+        return _run_study(space, options, obs, seed, pool)
+
+
+def _run_study(
+    space: Space, options: RunOptions, obs: RunObserver, seed: int | None, pool: Any
+) -> RunSummary:
     from automl.checkpoints import study_checkpoint_dir
     from automl.data import resolve_device, to_device
     from automl.lifecycle import (
@@ -638,13 +658,6 @@ def run_study(space: Space, options: RunOptions, observer: RunObserver | None = 
         warm_start_from,
     )
 
-    obs = observer or NullObserver()
-    seed = options.seed if options.seed is not None else space.study.seed
-    if options.warm_start:
-        parse_warm_start(options.warm_start)  # a malformed flag is bad input: fail first
-    done = _budget_already_met(options, obs)
-    if done is not None:  # the cron case: no data, no torch, just say so
-        return done
     device = resolve_device(options.device)
     from automl.training import configure_threads
 
@@ -652,6 +665,10 @@ def run_study(space: Space, options: RunOptions, observer: RunObserver | None = 
     # Bad data is bad input: find it before anything is written to the storage.
     space, dataset = load_for_space(space, seed)
     data = to_device(dataset, device, model=space.model)
+    if pool is not None:
+        pool.set_data(data if device == "cpu" else None)
+        if device != "cpu":
+            pool = None
 
     create_sampler(space, seed), create_pruner(space)  # bad options: fail before writing
     if options.warm_start:  # so is a warm-start study that is not there
@@ -681,6 +698,7 @@ def run_study(space: Space, options: RunOptions, observer: RunObserver | None = 
     elif target is None and options.timeout is None:
         target = 20
     run = _Run(study, options, objective, obs, summary, GracefulStop(), checkpoint_dir, target)
+    run.pack_pool = pool
     obs.run_started(study, target)
     try:
         with run.stopper:
