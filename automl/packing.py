@@ -147,8 +147,8 @@ def padded_width(width: int) -> int:
 # GROUP_MS plus, per member, MEMBER_MS and MS_PER_MFLOP times its forward-and-backward
 # work at the group's padded width. A group of one member is priced the same way. Only
 # the ratios matter.
-GROUP_MS = 0.16
-MEMBER_MS = 0.014
+GROUP_MS = 0.3
+MEMBER_MS = 0.02
 MS_PER_MFLOP = 0.021
 
 

@@ -20,8 +20,9 @@ five reads a trial makes of itself: ``Trial()``, ``tell`` twice, system attribut
 A trial this process finishes goes into the cache as it is told (its state, values and
 end time are what the database now holds), so asking the next trial reads nothing.
 
-Writes: a trial's suggested parameters are buffered and written in one transaction when
-the configuration is complete (``flush_params``, called by the objective before
+Writes: a trial's suggested parameters (and the system attributes of this process's
+running trials: TPE's relative parameters) are buffered and written in one transaction
+when the configuration is complete (``flush_params``, called by the objective before
 training) or before anything else touches the trial; user attributes are written in one
 statement (``set_trial_user_attrs``). Reports (intermediate values) of this process's own
 running trials are buffered too and written in one statement at most every ``refresh``
@@ -54,8 +55,11 @@ class RunStorage(_CachedStorage):
         super().__init__(backend)
         self.refresh = refresh
         self._last_read: dict[int, float] = {}
-        # Parameters suggested but not yet written, per trial: (name, value, dist, previous).
+        # Parameters suggested but not yet written, per trial: (name, value, dist, previous),
+        # and system attributes of its own running trials not yet written.
         self._pending: dict[int, list[tuple[str, float, Any, Any]]] = {}
+        self._pending_attrs: dict[int, dict[str, Any]] = {}
+        self._pending_user_attrs: dict[int, dict[str, Any]] = {}
         # This process's running trials, kept in step with its writes to them.
         self._owned: dict[int, Any] = {}
         # Reports of owned trials not yet written: trial id -> {step: value}; and when
@@ -99,34 +103,144 @@ class RunStorage(_CachedStorage):
             owned._distributions[param_name] = distribution
 
     def flush_params(self, trial_id: int) -> None:
-        """Write the trial's buffered parameters in one transaction."""
+        """Write the trial's buffered parameters and attributes in one transaction."""
+        self._write_buffered(trial_id, reports=False)
+
+    def _buffered(self, trial_id: int, *, reports: bool) -> bool:
+        return bool(
+            self._pending.get(trial_id)
+            or self._pending_attrs.get(trial_id)
+            or self._pending_user_attrs.get(trial_id)
+            or (reports and self._reports.get(trial_id))
+        )
+
+    def _write_buffered(self, trial_id: int, *, reports: bool) -> None:
+        """Write what is buffered for the trial (parameters, attributes and, with
+        ``reports``, its reports) in one transaction; the buffers are emptied once it is
+        committed."""
+        from optuna.storages._rdb import models
         from optuna.storages._rdb.storage import _create_scoped_session
 
-        pending = self._pending.pop(trial_id, None)
-        if not pending:
+        if not self._buffered(trial_id, reports=reports):
             return
-        from optuna.distributions import distribution_to_json
-        from optuna.storages._rdb import models
-
         backend = self._backend
         with _create_scoped_session(backend.scoped_session, True) as session:
             trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
             backend.check_trial_is_updatable(trial_id, trial.state)  # type: ignore[arg-type]
-            for name, value, distribution, previous in pending:
-                if previous is None:  # a name new to this process: Optuna checks the study
-                    backend._set_trial_param_without_commit(
-                        session, trial_id, name, value, distribution, previous
-                    )
-                    continue
-                # Compatibility with ``previous`` was checked when the value was buffered.
-                session.add(
-                    models.TrialParamModel(
-                        trial_id=trial_id,
-                        param_name=name,
-                        param_value=value,
-                        distribution_json=distribution_to_json(distribution),
-                    )
+            written = self._write_into(session, trial_id, reports=reports)
+        self._forget(trial_id, written)
+
+    def _write_into(self, session: Any, trial_id: int, *, reports: bool) -> dict[str, Any]:
+        """Add the trial's buffered writes to ``session`` (not committed); what was
+        written, for _forget once it is."""
+        from optuna.distributions import distribution_to_json
+        from optuna.storages._rdb import models
+
+        backend = self._backend
+        written: dict[str, Any] = {
+            "params": list(self._pending.get(trial_id, ())),
+            "attrs": dict(self._pending_attrs.get(trial_id, {})),
+            "user_attrs": dict(self._pending_user_attrs.get(trial_id, {})),
+            "reports": dict(self._reports.get(trial_id, {})) if reports else {},
+        }
+        for key, value in written["attrs"].items():
+            backend._set_trial_attr_without_commit(
+                session, models.TrialSystemAttributeModel, trial_id, key, value
+            )
+        self._upsert_user_attrs(session, trial_id, written["user_attrs"])
+        for name, value, distribution, previous in written["params"]:
+            if previous is None:  # a name new to this process: Optuna checks the study
+                backend._set_trial_param_without_commit(
+                    session, trial_id, name, value, distribution, previous
                 )
+                continue
+            # Compatibility with ``previous`` was checked when the value was buffered.
+            session.add(
+                models.TrialParamModel(
+                    trial_id=trial_id,
+                    param_name=name,
+                    param_value=value,
+                    distribution_json=distribution_to_json(distribution),
+                )
+            )
+        if written["reports"]:
+            model = models.TrialIntermediateValueModel
+            rows = []
+            for step, value in sorted(written["reports"].items()):
+                stored, kind = model.intermediate_value_to_stored_repr(value)
+                rows.append(
+                    {
+                        "trial_id": trial_id,
+                        "step": step,
+                        "intermediate_value": stored,
+                        "intermediate_value_type": kind,
+                    }
+                )
+            stmt = self._insert(model).values(rows)
+            session.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=[model.trial_id, model.step],
+                    set_={
+                        "intermediate_value": stmt.excluded.intermediate_value,
+                        "intermediate_value_type": stmt.excluded.intermediate_value_type,
+                    },
+                )
+            )
+        return written
+
+    def _upsert_user_attrs(self, session: Any, trial_id: int, attrs: dict[str, Any]) -> None:
+        """Add user attributes to ``session``: one multi-row upsert on SQLite and
+        PostgreSQL, one statement each elsewhere."""
+        import json
+
+        from optuna.storages._rdb import models
+
+        if not attrs:
+            return
+        backend = self._backend
+        model = models.TrialUserAttributeModel
+        if backend.engine.name not in ("sqlite", "postgresql"):
+            for key, value in attrs.items():
+                backend._set_trial_attr_without_commit(session, model, trial_id, key, value)
+            return
+        rows = [
+            {"trial_id": trial_id, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()
+        ]
+        stmt = self._insert(model).values(rows)
+        session.execute(
+            stmt.on_conflict_do_update(
+                index_elements=[model.trial_id, model.key],
+                set_={"value_json": stmt.excluded.value_json},
+            )
+        )
+
+    def _forget(self, trial_id: int, written: dict[str, Any]) -> None:
+        """Drop from the buffers what ``written`` holds (committed now); anything buffered
+        meanwhile stays."""
+        params = self._pending.get(trial_id)
+        if params is not None:
+            del params[: len(written["params"])]
+            if not params:
+                del self._pending[trial_id]
+        for buffers, key in (
+            (self._pending_attrs, "attrs"),
+            (self._pending_user_attrs, "user_attrs"),
+            (self._reports, "reports"),
+        ):
+            pending = buffers.get(trial_id)
+            if pending is None:
+                continue
+            for name, value in written[key].items():
+                if name in pending and pending[name] == value:
+                    del pending[name]
+            if not pending:
+                del buffers[trial_id]
+
+    def _insert(self, model: Any) -> Any:
+        from sqlalchemy.dialects import postgresql, sqlite
+
+        insert = sqlite.insert if self._backend.engine.name == "sqlite" else postgresql.insert
+        return insert(model)
 
     def get_trial(self, trial_id: int) -> Any:
         import copy
@@ -158,58 +272,29 @@ class RunStorage(_CachedStorage):
             self.flush_reports(trial_id)
 
     def flush_reports(self, trial_id: int) -> None:
-        """Write the trial's buffered reports in one statement (see the module docstring)."""
-        pending = self._reports.pop(trial_id, None)
+        """Write the trial's buffered reports (and whatever else is buffered for it) in
+        one transaction (see the module docstring)."""
         self._reports_written[trial_id] = time.monotonic()
-        if not pending:
-            return
-        from optuna.storages._rdb import models
-        from optuna.storages._rdb.storage import _create_scoped_session
-        from sqlalchemy.dialects import postgresql, sqlite
-
-        model = models.TrialIntermediateValueModel
-        rows = []
-        for step, value in sorted(pending.items()):
-            stored, kind = model.intermediate_value_to_stored_repr(value)
-            rows.append(
-                {
-                    "trial_id": trial_id,
-                    "step": step,
-                    "intermediate_value": stored,
-                    "intermediate_value_type": kind,
-                }
-            )
-        insert: Any = sqlite.insert if self._backend.engine.name == "sqlite" else postgresql.insert
-        stmt = insert(model).values(rows)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[model.trial_id, model.step],
-            set_={
-                "intermediate_value": stmt.excluded.intermediate_value,
-                "intermediate_value_type": stmt.excluded.intermediate_value_type,
-            },
-        )
-        with _create_scoped_session(self._backend.scoped_session, True) as session:
-            session.execute(stmt)
+        self._write_buffered(trial_id, reports=True)
 
     def _flush(self, trial_id: int) -> None:
         """Everything buffered for the trial, before another write to it."""
-        self.flush_params(trial_id)
-        if trial_id in self._reports:
-            self.flush_reports(trial_id)
+        self._write_buffered(trial_id, reports=True)
 
     def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
-        self._flush(trial_id)
-        super().set_trial_user_attr(trial_id, key, value)
-        owned = self._own(trial_id)
-        if owned is not None:
-            owned._user_attrs[key] = value
+        self.set_trial_user_attrs(trial_id, {key: value})
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
-        self._flush(trial_id)
-        super().set_trial_system_attr(trial_id, key, value)
+        """A running trial of this process's: buffered, and written with its parameters
+        (TPE's relative parameters, set just before them: one transaction a trial
+        fewer); any other: written now."""
         owned = self._own(trial_id)
         if owned is not None:
+            self._pending_attrs.setdefault(trial_id, {})[key] = value
             owned._system_attrs[key] = value
+            return
+        self._flush(trial_id)
+        super().set_trial_system_attr(trial_id, key, value)
 
     # ------------------------------------------------------------------ reads
 
@@ -304,6 +389,13 @@ class RunStorage(_CachedStorage):
     def set_trial_state_values(
         self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
     ) -> bool:
+        owned = self._own(trial_id)
+        if (
+            owned is not None
+            and state.is_finished()
+            and self._backend.engine.name in ("sqlite", "postgresql")
+        ):
+            return self._finish(trial_id, owned, state, values)
         self._flush(trial_id)
         owned = self._owned.pop(trial_id, None)
         self._reports_written.pop(trial_id, None)
@@ -322,6 +414,41 @@ class RunStorage(_CachedStorage):
         else:
             self._last_read.clear()
         return changed
+
+    def _finish(
+        self, trial_id: int, owned: Any, state: TrialState, values: Sequence[float] | None
+    ) -> bool:
+        """This process's running trial ends: everything buffered for it (attributes,
+        reports) and its end (state, values, time), in one transaction, as Optuna's
+        ``set_trial_state_values`` writes the end (two or three transactions a trial
+        fewer, most of a trial's bookkeeping on SQLite)."""
+        import datetime
+
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+        from sqlalchemy import exc
+
+        backend = self._backend
+        try:
+            with _create_scoped_session(backend.scoped_session) as session:
+                trial = models.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
+                backend.check_trial_is_updatable(trial_id, trial.state)  # type: ignore[arg-type]
+                written = self._write_into(session, trial_id, reports=True)
+                for objective, value in enumerate(values or ()):
+                    backend._set_trial_value_without_commit(session, trial, objective, value)
+                trial.state = state
+                trial.datetime_complete = datetime.datetime.now()
+        except exc.IntegrityError:
+            self._last_read.clear()
+            return False
+        except BaseException:
+            self._last_read.clear()
+            raise
+        self._forget(trial_id, written)
+        self._owned.pop(trial_id, None)
+        self._reports_written.pop(trial_id, None)
+        self._cache_finished(owned, state, values)
+        return True
 
     def _claim_waiting(self, trial_id: int) -> bool:
         """Make a WAITING trial this process's RUNNING one in one conditional UPDATE,
@@ -364,38 +491,21 @@ class RunStorage(_CachedStorage):
             self._generation += 1
 
     def set_trial_user_attrs(self, trial_id: int, attrs: dict[str, Any]) -> None:
-        """Set several user attributes in one transaction (one multi-row upsert on SQLite
-        and PostgreSQL)."""
-        import json
-
+        """Set several user attributes: of this process's running trial, buffered and
+        written with its next write (its end at the latest, in the same transaction);
+        of any other, in one transaction now (one multi-row upsert on SQLite and
+        PostgreSQL)."""
         from optuna.storages._rdb import models
         from optuna.storages._rdb.storage import _create_scoped_session
 
-        self._flush(trial_id)
         owned = self._own(trial_id)
         if owned is not None:
             owned._user_attrs.update(attrs)
+            self._pending_user_attrs.setdefault(trial_id, {}).update(attrs)
+            return
+        self._flush(trial_id)
         backend = self._backend
-        model = models.TrialUserAttributeModel
-        dialect = backend.engine.name
         with _create_scoped_session(backend.scoped_session, True) as session:
-            if dialect not in ("sqlite", "postgresql") or not attrs:
-                for key, value in attrs.items():
-                    backend._set_trial_attr_without_commit(session, model, trial_id, key, value)
-                return
             trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
             backend.check_trial_is_updatable(trial_id, trial.state)  # type: ignore[arg-type]
-            from sqlalchemy.dialects import postgresql, sqlite
-
-            insert: Any = sqlite.insert if dialect == "sqlite" else postgresql.insert
-            rows = [
-                {"trial_id": trial_id, "key": key, "value_json": json.dumps(value)}
-                for key, value in attrs.items()
-            ]
-            stmt = insert(model).values(rows)
-            session.execute(
-                stmt.on_conflict_do_update(
-                    index_elements=[model.trial_id, model.key],
-                    set_={"value_json": stmt.excluded.value_json},
-                )
-            )
+            self._upsert_user_attrs(session, trial_id, attrs)

@@ -106,7 +106,7 @@ def _lean_tpe(sampler: Any) -> Any:
         from optuna.samplers._tpe import _truncnorm
 
         if hasattr(_truncnorm, "_log_ndtr") and not isinstance(_truncnorm._log_ndtr, _LogNdtr):
-            _truncnorm._log_ndtr = _LogNdtr(_truncnorm._log_ndtr)
+            _truncnorm._log_ndtr = _LogNdtr()
     except ImportError:
         pass
     space = getattr(sampler, "_group_decomposed_search_space", None)
@@ -118,17 +118,17 @@ def _lean_tpe(sampler: Any) -> Any:
 
 
 class _LogNdtr:
-    """The log of the normal CDF for TPE: Optuna's own per-element Python until it has
-    been given BUDGET elements, SciPy's vectorised ``log_ndtr`` (imported then) from
-    there on. Importing SciPy costs 0.1-0.2 s, about what Optuna's way costs over 500k
-    elements more than SciPy's (0.15 against 0.014 us an element): a short study (64
-    trials: 114k elements in 1,744 calls) never pays for the import, a long one pays
-    for it early and then gets SciPy's 10x (a third of TPE's time at 1,000 trials)."""
+    """The log of the normal CDF for TPE: Optuna's own formulas (the very same values),
+    evaluated a whole array at a time, until it has been given BUDGET elements, SciPy's
+    vectorised ``log_ndtr`` (imported then) from there on. Importing SciPy costs
+    0.1-0.2 s, about what the exact way costs over 500k elements more than SciPy's: a
+    short study (64 trials: 114k elements in 1,744 calls) never pays for the import, a
+    long one pays for it early and then gets SciPy's speed."""
 
     BUDGET = 500_000
 
-    def __init__(self, optunas: Any) -> None:
-        self._optunas = optunas
+    def __init__(self) -> None:
+        self._exact = _exact_log_ndtr
         self._scipys: Any = None
         self._left = self.BUDGET
 
@@ -139,13 +139,52 @@ class _LogNdtr:
 
         self._left -= int(np.size(a))
         if self._left >= 0:
-            return self._optunas(a)
+            return self._exact(a)
         try:
             from scipy.special import log_ndtr
         except ImportError:
-            log_ndtr = self._optunas
+            log_ndtr = self._exact
         self._scipys = log_ndtr
         return log_ndtr(a)
+
+
+def _exact_log_ndtr(a: Any) -> Any:
+    """Optuna's ``_truncnorm._log_ndtr``, value for value, 3x faster: its per-element
+    branches (``_ndtr_single``, ``_log_ndtr_single``) as array masks, with math's erf,
+    erfc and log applied element-wise (numpy's own log may differ in the last bit); the
+    far left tail (below -20, rare) goes through Optuna's own series."""
+    import math
+
+    import numpy as np
+    from optuna.samplers._tpe._truncnorm import _log_ndtr_single
+
+    def each(f: Any) -> Any:  # math's function over an array, as floats
+        apply = np.frompyfunc(f, 1, 1)
+        return lambda x: np.asarray(apply(x), dtype=float)
+
+    erf, erfc, log = each(math.erf), each(math.erfc), each(math.log)
+    root2 = 2**0.5
+    values = np.asarray(a, dtype=float)
+    out = np.empty(values.shape)
+    flat, result = values.reshape(-1), out.reshape(-1)
+    high = flat > 6
+    if high.any():  # -ndtr(-a)
+        result[high] = -(0.5 * erfc(flat[high] / root2))
+    middle = (flat > -20) & ~high
+    if middle.any():  # log(ndtr(a))
+        x = flat[middle] / root2
+        y = np.empty(x.shape)
+        left = x < -1 / root2
+        central = ~left & (x < 1 / root2)
+        right = ~(left | central)
+        y[left] = 0.5 * erfc(-x[left])
+        y[central] = 0.5 + 0.5 * erf(x[central])
+        y[right] = 1.0 - 0.5 * erfc(x[right])
+        result[middle] = log(y)
+    tail = ~(high | middle)
+    if tail.any():
+        result[tail] = [_log_ndtr_single(float(v)) for v in flat[tail]]
+    return out
 
 
 class _InternalReprCache:

@@ -88,15 +88,12 @@ def main() -> None:
             results = train_packed(group, data, objective="val_accuracy")
             fused = (time.perf_counter() - started) / k
             scores = [r.metrics["val_accuracy"] for r in results if not isinstance(r, Exception)]
-            # ... and as `--pack` trains them: split into sub-groups of similar widths,
-            # a sub-group of one trained alone (packing.split_by_width).
+            # ... and as `--pack` trains them on one core: split into sub-groups of
+            # similar widths (packing.split_by_width), a sub-group of one fused alone.
             parts = split_by_width(group, data.X_train.shape[1], data.n_outputs, device)
             started = time.perf_counter()
             for part in parts:
-                if len(part) == 1:
-                    train(group[part[0]], data, objective="val_accuracy")
-                else:
-                    train_packed([group[i] for i in part], data, objective="val_accuracy")
+                train_packed([group[i] for i in part], data, objective="val_accuracy")
             bucketed = (time.perf_counter() - started) / k
             row = {
                 "device": name,

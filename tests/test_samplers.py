@@ -371,21 +371,39 @@ def test_log_ndtr_is_optunas_until_its_budget_is_spent_then_scipys() -> None:
     from optuna.samplers._tpe import _truncnorm
     from scipy.special import log_ndtr
 
-    calls: list[int] = []
-
-    def optunas(a: Any) -> Any:
-        calls.append(np.size(a))
+    def optunas(a: Any) -> Any:  # Optuna's own, one element at a time
         return np.frompyfunc(_truncnorm._log_ndtr_single, 1, 1)(a).astype(float)
 
-    lean = _LogNdtr(optunas)
+    lean = _LogNdtr()
     lean._left = 2000  # a small budget for the test
     values = np.linspace(-40, 8, 1000)
     assert np.array_equal(lean(values), optunas(values))
     assert np.array_equal(lean(values), optunas(values))  # 2,000 elements: the budget
-    assert calls == [1000] * 4
     np.testing.assert_allclose(lean(values), optunas(values), rtol=1e-7)
-    assert calls == [1000] * 5  # the last call was the test's: SciPy's from the third on
+    assert lean._scipys is log_ndtr  # SciPy's from the third call on
     assert np.array_equal(lean(values[:3]), log_ndtr(values[:3]))  # and for short ones
+
+
+def test_the_array_log_ndtr_gives_optunas_values_bit_for_bit() -> None:
+    import numpy as np
+    from optuna.samplers._tpe import _truncnorm
+
+    from automl.studies import _exact_log_ndtr
+
+    rng = np.random.default_rng(0)
+    edges = [6.0, np.nextafter(6.0, 7), -20.0, np.nextafter(-20.0, 0), -1.0, 1.0, 0.0]
+    for values in (
+        rng.normal(0, 1, 5000),
+        rng.normal(0, 12, (40, 125)),  # both tails, past 6 and -20
+        np.array([*edges, 40.0, -40.0, np.inf, -np.inf, np.nan]),
+        np.array([]),
+    ):
+        _truncnorm._log_ndtr_single.cache_clear()
+        with np.errstate(invalid="ignore"):  # (NaN in, NaN out)
+            expected = np.frompyfunc(_truncnorm._log_ndtr_single, 1, 1)(values).astype(float)
+            got = _exact_log_ndtr(values)
+        assert got.shape == values.shape
+        assert np.array_equal(got, expected, equal_nan=True)
 
 
 @pytest.mark.parametrize("options", [{}, {"multivariate": True, "group": True}])

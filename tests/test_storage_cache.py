@@ -73,8 +73,18 @@ def test_reports_are_written_after_the_refresh_interval_and_on_flush(storage_url
     mine.flush_reports(trial._trial_id)  # what a checkpoint save calls first
     assert _stored_reports(storage_url) == {0: 0.5, 1: 0.25}
     trial.report(0.125, 2)
-    trial.set_user_attr("k", 1)  # any other write to the trial writes its reports first
-    assert _stored_reports(storage_url) == {0: 0.5, 1: 0.25, 2: 0.125}
+    trial.set_user_attr("k", 1)  # buffered too: written with the trial's end
+    assert _stored_reports(storage_url) == {0: 0.5, 1: 0.25}
+    assert trial.user_attrs == {"k": 1}  # (read from memory)
+    from sqlalchemy import event
+
+    commits: list[int] = []
+    event.listen(mine._backend.engine, "commit", lambda _conn: commits.append(1))
+    study.tell(trial, 0.125)
+    assert len(commits) == 1  # attributes, reports and the end in one transaction
+    stored = optuna.load_study(study_name="s", storage=storage_url).trials[0]
+    assert stored.intermediate_values == {0: 0.5, 1: 0.25, 2: 0.125}
+    assert (stored.user_attrs, stored.state, stored.value) == ({"k": 1}, TrialState.COMPLETE, 0.125)
 
 
 def test_user_attrs_in_one_write_round_trip_and_overwrite(storage_url: str) -> None:
@@ -211,3 +221,32 @@ def test_own_running_trials_are_listed_as_they_are_now(storage_url: str) -> None
     assert listed[0].system_attrs["tpe:relative_params:0"] == "{}"
     study.tell(trial, 1.0)  # finished: listed as the cache holds it
     assert [(t.state, t.params) for t in study.get_trials()] == [(TrialState.COMPLETE, {"x": x})]
+
+
+def test_system_attributes_of_own_running_trials_go_with_their_parameters(
+    storage_url: str,
+) -> None:
+    """TPE stores its relative parameters as a system attribute just before the trial's
+    parameters are suggested: buffered, they are written with them, one transaction."""
+    mine = RunStorage(RDBStorage(storage_url), refresh=3600)
+    study = _study(mine)
+    trial = study.ask()
+    mine.set_trial_system_attr(trial._trial_id, "tpe:relative_params:0", '{"x": 0.5}')
+    stored = optuna.load_study(study_name="s", storage=storage_url).trials[0]
+    assert "tpe:relative_params:0" not in stored.system_attrs  # not written yet
+    assert mine.get_trial(trial._trial_id).system_attrs["tpe:relative_params:0"] == '{"x": 0.5}'
+    x = trial.suggest_float("x", 0.0, 1.0)
+    from sqlalchemy import event
+
+    writes: list[str] = []
+    event.listen(mine._backend.engine, "commit", lambda _conn: writes.append("commit"))
+    mine.flush_params(trial._trial_id)
+    assert writes == ["commit"]  # parameters and attribute together
+    stored = optuna.load_study(study_name="s", storage=storage_url).trials[0]
+    assert stored.params == {"x": x}
+    assert stored.system_attrs["tpe:relative_params:0"] == '{"x": 0.5}'
+    # Another process's trial: written at once, as Optuna writes it.
+    theirs = _study(storage_url).ask()
+    mine.set_trial_system_attr(theirs._trial_id, "note", 1)
+    stored = optuna.load_study(study_name="s", storage=storage_url).trials[1]
+    assert stored.system_attrs["note"] == 1
