@@ -111,6 +111,9 @@ class Checkpointer:
         # Called before each write: the run writes the trial's buffered reports, so the
         # storage holds every epoch up to the checkpoint (storage_cache.flush_reports).
         self.before_save: Callable[[], None] | None = None
+        # A finished state given in memory (a fused pack's member, which has no epoch
+        # checkpoints): what keep_weights keeps, without a file written and read back.
+        self.final: dict[str, Any] | None = None
 
     @property
     def path(self) -> Path:
@@ -165,12 +168,14 @@ class Checkpointer:
 
     def keep_weights(self, meta: dict[str, Any]) -> Path | None:
         """Write the model of the last checkpoint (at the trial's best epoch) as
-        ``<number>.weights.pt`` with ``meta``; None when there is no checkpoint."""
-        for _, path in self._candidates():
+        ``<number>.weights.pt`` with ``meta`` (or of ``final``, when it was given); None
+        when there is neither."""
+        state = self.final
+        for _, path in [] if state is not None else self._candidates():
             state = load_file(path)
             if state is not None and "model" in state:
                 break
-        else:
+        if state is None or "model" not in state:
             return None
         model = state.get("best_model") or state["model"]
         best_epoch = int(state.get("best_epoch", state["epoch"]))

@@ -1920,15 +1920,14 @@ def _outcome(
     if isinstance(result, PackedResult):
         values = run.objective.finish(trial, config, result)
         if result.best_state is not None:
-            # The state the sequential path's checkpoint holds, so the study's best
-            # trial keeps its weights (checkpoints.keep_weights) the same way.
-            checkpoint.save(
-                {
-                    "epoch": result.epochs_run - 1,
-                    "model": result.best_state,
-                    "best_epoch": result.best_epoch,
-                }
-            )
+            # The state the sequential path's last checkpoint holds, in memory: the
+            # study's best trial keeps its weights from it (checkpoints.keep_weights)
+            # the same way, and no other member's is written to a file.
+            checkpoint.final = {
+                "epoch": result.epochs_run - 1,
+                "model": result.best_state,
+                "best_epoch": result.best_epoch,
+            }
         return TrialState.COMPLETE, values, ""
     if isinstance(result, optuna.TrialPruned):
         return TrialState.PRUNED, None, str(result) or "pruned"
