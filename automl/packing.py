@@ -220,7 +220,6 @@ class FusedMLP:
     ) -> None:
         first = configs[0]
         self.n_layers = first.n_layers
-        self.activation = ACTIVATIONS[first.activation]()
         self.activation_name = first.activation
         n_features = math.prod(int(s) for s in input_shape)
         self.width = padded_width(max(c.hidden_units for c in configs))
@@ -277,6 +276,12 @@ class FusedMLP:
             self.weight_grads.append(self.flat_grad[:, weight_columns].view(k, *shape))
             self.biases.append(self.flat[:, bias_columns].view(k, 1, -1))
             self.bias_grads.append(self.flat_grad[:, bias_columns].view(k, 1, -1))
+        # Views a step uses, made once (each view is a dispatched operation of its own):
+        # the weights turned for the backward pass, the output bias as a column, the
+        # output bias's gradient as rows.
+        self.weights_t = [w.transpose(1, 2) for w in self.weights]
+        self.out_bias_t = self.biases[-1].transpose(1, 2)
+        self.out_bias_grad = self.bias_grads[-1].view(k, -1)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -294,10 +299,10 @@ class FusedMLP:
 
     def _output_turned(self, h: torch.Tensor) -> torch.Tensor:
         """The output layer on (K, B, W) inputs, as (K, C, B)."""
-        w, b = self.weights[-1], self.biases[-1]
-        return torch.baddbmm(b.transpose(1, 2), w, h.transpose(1, 2))
+        return torch.baddbmm(self.out_bias_t, self.weights[-1], h.transpose(1, 2))
 
-    @torch.no_grad()
+    # (No torch.no_grad on the step's methods: no tensor of theirs requires a gradient,
+    # and entering the mode costs microseconds a call, a step's worth of them a percent.)
     def forward_train(
         self, x: torch.Tensor, masks: Sequence[torch.Tensor | None]
     ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, ...]]]:
@@ -306,16 +311,16 @@ class FusedMLP:
         input, pre-activation, activation and mask."""
         saved: list[tuple[torch.Tensor, ...]] = []
         h = x
+        activation = _FUNCTIONS[self.activation_name]
         for layer in range(self.n_layers):
             pre = torch.baddbmm(self.biases[layer], h, self.weights[layer])
-            post = self.activation(pre)
+            post = activation(pre)
             mask = masks[layer] if layer < len(masks) else None
             saved.append((h, pre, post) if mask is None else (h, pre, post, mask))
             h = post if mask is None else post * mask
         saved.append((h,))
         return self._output_turned(h), saved
 
-    @torch.no_grad()
     def backward(
         self,
         saved: list[tuple[torch.Tensor, ...]],
@@ -329,19 +334,19 @@ class FusedMLP:
         # are that times the inputs; the inputs' gradient is turned back, (K, B, W).
         # Products into fresh tensors, then copied: bmm's out= on a strided view loops
         # over the members one matrix at a time (four times slower here).
-        k = grad_out.shape[0]
         self.weight_grads[-1].copy_(torch.bmm(grad_out, saved[-1][0]))
-        torch.sum(grad_out, dim=2, out=self.bias_grads[-1].view(k, -1))
+        torch.sum(grad_out, dim=2, out=self.out_bias_grad)
         grad = torch.bmm(grad_out.transpose(1, 2), self.weights[-1])
+        name = self.activation_name
         for layer in range(self.n_layers - 1, -1, -1):
             h, pre, post, *mask = saved[layer]
             if mask:
                 grad = grad * mask[0]
-            grad = _activation_backward(self.activation_name, grad, pre, post)
+            grad = _activation_backward(name, grad, pre, post)
             self.weight_grads[layer].copy_(torch.bmm(h.transpose(1, 2), grad))
             torch.sum(grad, dim=1, keepdim=True, out=self.bias_grads[layer])
             if layer:
-                grad = torch.bmm(grad, self.weights[layer].transpose(1, 2))
+                grad = torch.bmm(grad, self.weights_t[layer])
         if l1 is not None:
             scale = l1.view(-1, 1, 1)
             for w, g in zip(self.weights, self.weight_grads, strict=True):
@@ -395,6 +400,18 @@ def _reused(
     if buffer is None or buffer.numel() < size:
         buffer = buffers[key] = torch.empty(size, dtype=like.dtype, device=like.device)
     return buffer[:size].view(*shape)
+
+
+# The activations of models.ACTIVATIONS (torch's defaults) as functions: a module call
+# costs its dispatch on top of the function's.
+_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": torch.relu,
+    "tanh": torch.tanh,
+    "gelu": F.gelu,
+    "silu": F.silu,
+    "leaky_relu": F.leaky_relu,
+    "elu": F.elu,
+}
 
 
 def _activate_(name: str, t: torch.Tensor) -> torch.Tensor:
@@ -670,6 +687,8 @@ class FusedOptimizer:
         self._block_start = 0
         self.kernel = self._kernel_settings()
         self._kernel_step = torch.zeros((), device=self.device)
+        self._kernel_step_value = 0.0
+        self._update = getattr(self, f"_{name}")
         self._scratch: dict[torch.Size, torch.Tensor] = {}
 
     def _kernel_settings(self) -> dict[str, float] | None:
@@ -711,7 +730,7 @@ class FusedOptimizer:
             [m],
             [v],
             [],
-            [self._kernel_step.fill_(step)],
+            [self._step_tensor(step)],
             lr=1.0,
             beta1=self.kernel["beta1"],
             beta2=self.kernel["beta2"],
@@ -721,6 +740,14 @@ class FusedOptimizer:
             maximize=False,
         )
         return direction
+
+    def _step_tensor(self, step: float) -> torch.Tensor:
+        """The kernel's step as a tensor, refilled only when it changes (never for
+        RMSprop's constant step)."""
+        if step != self._kernel_step_value:
+            self._kernel_step.fill_(step)
+            self._kernel_step_value = step
+        return self._kernel_step
 
     def set_lrs(self, lrs: Sequence[float]) -> None:
         self.lrs = list(lrs)
@@ -744,9 +771,9 @@ class FusedOptimizer:
     def _get(self, key: str) -> list[float]:
         return [h[key] for h in self.hyper]
 
-    @torch.no_grad()
     def step(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
-        """Update ``params`` in place from ``grads``: (K, P) tensors, one row per member."""
+        """Update ``params`` in place from ``grads``: (K, P) tensors, one row per member
+        (tensors that need no gradient: no torch.no_grad, which costs microseconds a call)."""
         self.step_count += 1
         t = self.step_count
         if not self._block_start <= t < self._block_start + len(self._block):
@@ -754,7 +781,7 @@ class FusedOptimizer:
             self._block_start = t
         coeffs = self._block[t - self._block_start]
         decay = coeffs.get("wd") if self.name != "adamw" else None
-        update = getattr(self, f"_{self.name}")
+        update = self._update
         for p, g, state in zip(params, grads, self.state, strict=True):
             if decay is not None:
                 g = _plus(g, p, decay)
@@ -1021,7 +1048,6 @@ class MixedOptimizer:
         self.parts = parts
         self.k = len(position)
 
-    @torch.no_grad()
     def step(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
         if len(self.parts) == 1:
             self.parts[0][1].step(params, grads)
@@ -1206,13 +1232,13 @@ def _run_fused_epoch(
     l1 = torch.tensor([c.l1 for c in configs], dtype=data.X_train.dtype, device=device)
     use_l1 = bool(l1.any())
     loss_params = configs[0].loss_params
-    total = torch.zeros(len(live), device=device)
-    n_batches = 0
+    objectives: list[torch.Tensor] = []  # each step's, summed at the end (one op, not one a step)
     ahead = _EpochMasks(model, dropouts, noises, n, bs)
     optimizer.plan(-(-n // bs))
     noise_scale = None
     if any(noises) and device.type not in EXACT_STREAMS:
         noise_scale = torch.tensor(noises, dtype=data.X_train.dtype).view(-1, 1, 1).to(device)
+    params, grads = [model.flat], [model.flat_grad]
     for step, (x, y) in enumerate(_batches(data, perms, bs, model.buffers)):
         b = x.shape[1]
         if noise_scale is not None:
@@ -1228,10 +1254,11 @@ def _run_fused_epoch(
         if use_l1:
             objective = losses + l1 * model.weight_l1()
         model.backward(saved, grad_out, l1 if use_l1 else None)
-        optimizer.step([model.flat], [model.flat_grad])
-        total += objective  # with the L1 term, as the sequential loss
-        n_batches += 1
-    return (total / max(n_batches, 1)).tolist()
+        optimizer.step(params, grads)
+        objectives.append(objective)  # with the L1 term, as the sequential loss
+    if not objectives:
+        return [0.0] * len(live)
+    return (torch.stack(objectives).sum(dim=0) / len(objectives)).tolist()
 
 
 # The most bytes of gathered training rows held at once (see _batches).
@@ -1262,8 +1289,8 @@ def _batches(
             gathered.append(torch.index_select(source, 0, flat, out=out))
         xs = gathered[0].view(k, width, -1)
         ys = gathered[1].view(k, width, *data.y_train.shape[1:])
-        for start in range(0, width, bs):
-            yield xs[:, start : start + bs], ys[:, start : start + bs]
+        # Every step's views in two calls, not two slicings a step.
+        yield from zip(xs.split(bs, dim=1), ys.split(bs, dim=1), strict=True)
 
 
 def _member_noise(model: FusedMLP, noises: Sequence[float], x: torch.Tensor) -> torch.Tensor:
@@ -1319,7 +1346,8 @@ class _EpochMasks:
         self.n_full = n // bs
         per_step = model.n_layers * len(dropouts) * bs * model.width * weight.element_size()
         self.chunk = max(1, min(self.n_full, self.CHUNK_BYTES // max(per_step, 1)))
-        self.block: torch.Tensor | None = None
+        self.block: list[list[torch.Tensor]] | None = None
+        self.block_tensor: torch.Tensor | None = None
         self.block_start = -1
         if self.shared and self.any:
             k, width = len(self.dropouts), model.width
@@ -1342,11 +1370,16 @@ class _EpochMasks:
             self.block_start <= step < self.block_start + len(self.block)
         ):
             self.block_start = step
-            self.block = self._draw(min(self.chunk, self.n_full - step), self.bs, stepwise=True)
-        masks = self.block[step - self.block_start]  # (n_layers, K, b, width)
-        for m in self.stepwise:
-            self._fill(masks[:, m].unsqueeze(0), m, 1, self.bs)
-        return list(masks.unbind(0))
+            block = self._draw(min(self.chunk, self.n_full - step), self.bs, stepwise=True)
+            # Each step's per-layer views, made for the whole block at once.
+            self.block = [list(layers.unbind(0)) for layers in block.unbind(0)]
+            self.block_tensor = block
+        masks: list[torch.Tensor | None] = list(self.block[step - self.block_start])
+        if self.stepwise and self.block_tensor is not None:
+            whole = self.block_tensor[step - self.block_start]  # (n_layers, K, b, width)
+            for m in self.stepwise:
+                self._fill(whole[:, m].unsqueeze(0), m, 1, self.bs)
+        return masks
 
     def _draw(self, steps: int, b: int, *, stepwise: bool) -> torch.Tensor:
         """Masks of ``steps`` batches of ``b`` rows, (steps, n_layers, K, b, width): padded
