@@ -61,7 +61,7 @@ def planned_processes(space: Space, pack: int, device: str) -> int:
     finished trials' values). ``AUTOML_PACK_PROCESSES`` overrides the count."""
     from automl.workers import n_cores, visible_gpus
 
-    if pack < 2:
+    if pack < 2 or space.model != "mlp":  # (only MLPs are fused)
         return 1
     if device not in ("cpu", "auto") or (device == "auto" and (visible_gpus() or _may_pick_mps())):
         return 1
@@ -474,6 +474,7 @@ class Pool:
         self.cond = threading.Condition()
         self.arrays: dict[str, Any] | None = None
         self.have_data = False
+        self.disabled = False
         self.closed = False
         self.queue: list[Job] = []  # in the order given (costliest first)
         self.session_id = 0  # the current session's; jobs of an earlier one are dropped
@@ -492,6 +493,8 @@ class Pool:
     def processes(self) -> int:
         """This process and its helpers that are up or starting (a lost one that will not
         be started again no longer counts)."""
+        if self.disabled:
+            return 1
         return 1 + sum(1 for h in self.helpers if not h.dead or self.restarts < MAX_RESTARTS)
 
     # ------------------------------------------------------------------ the run's side
@@ -507,6 +510,7 @@ class Pool:
                 arrays = _arrays(data)
         with self.cond:
             self.arrays, self.have_data = arrays, True
+            self.disabled = arrays is None  # the helpers end; none is started again
             self.cond.notify_all()
 
     def job(
@@ -588,6 +592,8 @@ class Pool:
             helper.stop()
 
     def _restart_lost(self) -> None:
+        if self.disabled:
+            return
         for i, helper in enumerate(self.helpers):
             if helper.dead and self.restarts < MAX_RESTARTS and not self.closed:
                 self.restarts += 1

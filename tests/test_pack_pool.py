@@ -397,10 +397,10 @@ def test_planned_processes_follow_cores_threads_device_and_pruner(
 ) -> None:
     from automl import workers
 
-    def space(pruner: str = "median") -> Space:
+    def space(pruner: str = "median", model: str = "mlp") -> Space:
         path = tmp_path / "s.yaml"
         path.write_text(
-            f"data: {{dataset: iris}}\nstudy: {{pruner: {pruner}}}\n"
+            f"data: {{dataset: digits}}\nmodel: {model}\nstudy: {{pruner: {pruner}}}\n"
             "space: {optimizer: {adam: {lr: 0.01}}}\n"
         )
         return load_space(path)
@@ -414,6 +414,7 @@ def test_planned_processes_follow_cores_threads_device_and_pruner(
     assert planned_processes(space(), 1, "cpu") == 1  # no pack
     assert planned_processes(space(), 8, "cuda") == 1
     assert planned_processes(space("hyperband"), 8, "cpu") == 1  # writes to the study
+    assert planned_processes(space(model="cnn"), 8, "cpu") == 1  # never fused
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert planned_processes(space(), 8, "cpu") == 2  # two threads each
     monkeypatch.delenv("OMP_NUM_THREADS")
@@ -457,3 +458,24 @@ def test_a_run_with_several_processes_says_so_in_debug(tmp_path: Path, tiny_spac
     doc = optuna.load_study(study_name="tiny", storage=url)
     assert len(doc.trials) == 8
     assert all(t.state.is_finished() for t in doc.trials)
+
+
+def test_data_too_big_to_copy_leaves_the_run_alone(
+    digits: DeviceData, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from automl import pack_pool
+
+    monkeypatch.setattr(pack_pool, "MAX_HELPER_BYTES", 1000)
+    pool = Pool(2)
+    try:
+        assert pool.processes == 2
+        pool.set_data(digits)  # 500 kB: more than each helper may copy
+        assert pool.processes == 1
+        deadline = time.monotonic() + 30
+        while not all(h.dead for h in pool.helpers):  # they end, and are not started again
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        pool._restart_lost()
+        assert all(h.dead for h in pool.helpers) and pool.restarts == 0
+    finally:
+        pool.close()
