@@ -11,7 +11,9 @@ is wall time of the whole process (imports, data, study, trials) divided by the 
 
 ``--pack-workers W`` also times ``automl run --pack K --workers W`` for each K: the
 reference runs with torch's default threads, as many as the cores, so W = the cores
-compares core for core.
+compares core for core. ``automl run --pack K`` itself trains a pack's pieces on every
+core (helper processes, automl/pack_pool.py); ``--one-process`` also times it with
+``AUTOML_PACK_PROCESSES=1``, on one core.
 
 Prints one JSON line per run and a summary line with the ratios.
 """
@@ -30,6 +32,7 @@ from pathlib import Path
 
 import optuna
 
+from automl.pack_pool import PROCESSES_ENV
 from automl.workers import automl_command
 
 HERE = Path(__file__).resolve().parent
@@ -40,9 +43,11 @@ def load() -> float:
     return os.getloadavg()[0]
 
 
-def timed(cmd: list[str], cwd: Path) -> tuple[float, str]:
+def timed(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> tuple[float, str]:
     started = time.perf_counter()
-    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        cmd, cwd=cwd, capture_output=True, text=True, check=False, env={**os.environ, **(env or {})}
+    )
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr[-2000:]}")
@@ -63,6 +68,7 @@ def run_round(
     index: int,
     device: str = "cpu",
     pack_workers: int = 0,
+    one_process: bool = False,
 ) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
     # The reference as written (torch's default threads), and with one thread like automl.
@@ -87,16 +93,25 @@ def run_round(
         )
         best, n, epochs = best_of(ref_url, "reference")
         rows.append(_row(name, n, epochs, seconds, best, before))
-    runs = [("automl", []), *((f"automl --pack {k}", ["--pack", str(k)]) for k in packs)]
+    runs: list[tuple[str, list[str], dict[str, str]]] = [
+        ("automl", [], {}),
+        *((f"automl --pack {k}", ["--pack", str(k)], {}) for k in packs),
+    ]
+    if one_process:
+        runs += [
+            (f"automl --pack {k}, one process", ["--pack", str(k)], {PROCESSES_ENV: "1"})
+            for k in packs
+        ]
     if pack_workers > 1:
         runs += [
             (
                 f"automl --pack {k} --workers {pack_workers}",
                 ["--pack", str(k), "--workers", str(pack_workers)],
+                {},
             )
             for k in packs
         ]
-    for name, extra in runs:
+    for name, extra, env in runs:
         url = f"sqlite:///{folder / f'automl{index}_{len(rows)}.db'}"
         before = load()
         seconds, _ = timed(
@@ -116,6 +131,7 @@ def run_round(
                 *extra,
             ],
             folder,
+            env,
         )
         best, n, epochs = best_of(url, "bench")
         rows.append(_row(name, n, epochs, seconds, best, before))
@@ -146,12 +162,23 @@ def main() -> None:
     parser.add_argument(
         "--pack-workers", type=int, default=0, help="also time --pack K with --workers W"
     )
+    parser.add_argument(
+        "--one-process", action="store_true", help="also time --pack K on one process"
+    )
     args = parser.parse_args()
     per_run: dict[str, list[dict[str, object]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for index in range(args.rounds):
             packs = [int(k) for k in str(args.pack).split(",")]
-            rows = run_round(args.n_trials, packs, Path(tmp), index, args.device, args.pack_workers)
+            rows = run_round(
+                args.n_trials,
+                packs,
+                Path(tmp),
+                index,
+                args.device,
+                args.pack_workers,
+                args.one_process,
+            )
             for row in rows:
                 print(json.dumps(row), flush=True)
                 per_run.setdefault(str(row["run"]), []).append(row)
@@ -161,9 +188,17 @@ def main() -> None:
         "device": args.device,
         "reference_s_per_trial": ref,
     }
+    references = [float(r["s_per_trial"]) for r in per_run["reference"]]  # type: ignore[arg-type]
     for name, rows in per_run.items():
         mine = statistics.median(float(r["s_per_trial"]) for r in rows)  # type: ignore[arg-type]
         summary[f"{name} / reference"] = round(mine / ref, 3)
+        # Each round against its own reference run, minutes apart at most: this
+        # machine's speed drifts by a third from one minute to the next.
+        paired = [
+            round(float(r["s_per_trial"]) / base, 3)  # type: ignore[arg-type]
+            for r, base in zip(rows, references, strict=True)
+        ]
+        summary[f"{name} / reference, by round"] = paired
         summary[f"{name} best"] = max(float(r["best_val_accuracy"]) for r in rows)  # type: ignore[arg-type]
     print(json.dumps(summary), flush=True)
 
