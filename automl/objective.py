@@ -55,13 +55,17 @@ class Objective:
         self.seed = seed
         self.on_epoch = on_epoch
 
-    def config_for(self, trial: optuna.Trial | optuna.trial.FixedTrial, number: int) -> TrialConfig:
+    def config_for(
+        self, trial: optuna.Trial | optuna.trial.FixedTrial, number: int, *, flush: bool = True
+    ) -> TrialConfig:
+        """The trial's configuration, its parameters drawn now. They are stored before
+        training starts (a killed trial is retried with them): in one transaction where
+        the storage buffers them (storage_cache); ``flush=False`` leaves that to the
+        caller (a pack writes all its trials' at once: storage_cache.flush_trials)."""
         config = suggest(trial, self.space, seed=trial_seed(self.seed, number))
-        # The parameters are stored before training starts (a killed trial is retried
-        # with them): in one transaction where the storage buffers them (storage_cache).
-        flush = getattr(getattr(trial, "storage", None), "flush_params", None)
-        if flush is not None:
-            flush(getattr(trial, "_trial_id", None))
+        write = getattr(getattr(trial, "storage", None), "flush_params", None)
+        if flush and write is not None:
+            write(getattr(trial, "_trial_id", None))
         return config
 
     def __call__(self, trial: optuna.Trial, checkpoint: Checkpointer | None = None) -> list[float]:

@@ -1649,8 +1649,14 @@ def _ask_pack(run: Any, k: int, trials: list[optuna.Trial]) -> None:
     trials.append(first)
     if k == 1:
         return
-    config = run.objective.config_for(first, _original(first))
+    # The pack's parameters are written together at the end (one transaction, not one a
+    # trial); until then this process reads its trials from memory (storage_cache).
+    write_all = getattr(study._storage, "flush_trials", None)
+    flush = write_all is None
+    config = run.objective.config_for(first, _original(first), flush=flush)
     if group_key(config) is None or isinstance(study.sampler, optuna.samplers.GridSampler):
+        if write_all is not None:
+            write_all([first._trial_id])
         for _ in range(k - 1):
             trials.append(study.ask())
         return
@@ -1666,9 +1672,11 @@ def _ask_pack(run: Any, k: int, trials: list[optuna.Trial]) -> None:
         for _ in range(k - 1):
             trial = study.ask()
             trials.append(trial)
-            run.objective.config_for(trial, _original(trial))  # its parameters, drawn now
+            run.objective.config_for(trial, _original(trial), flush=flush)  # drawn now
     finally:
         study.sampler = sampler
+        if write_all is not None:
+            write_all([t._trial_id for t in trials])
 
 
 class _StructureSampler(optuna.samplers.BaseSampler):

@@ -106,6 +106,25 @@ class RunStorage(_CachedStorage):
         """Write the trial's buffered parameters and attributes in one transaction."""
         self._write_buffered(trial_id, reports=False)
 
+    def flush_trials(self, trial_ids: Sequence[int]) -> None:
+        """Write the buffered parameters and attributes of several trials (a pack's) in
+        one transaction."""
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        ids = [i for i in trial_ids if self._buffered(i, reports=False)]
+        if not ids:
+            return
+        backend = self._backend
+        written = {}
+        with _create_scoped_session(backend.scoped_session, True) as session:
+            for trial_id in ids:
+                trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
+                backend.check_trial_is_updatable(trial_id, trial.state)  # type: ignore[arg-type]
+                written[trial_id] = self._write_into(session, trial_id, reports=False)
+        for trial_id, what in written.items():
+            self._forget(trial_id, what)
+
     def _buffered(self, trial_id: int, *, reports: bool) -> bool:
         return bool(
             self._pending.get(trial_id)

@@ -250,3 +250,20 @@ def test_system_attributes_of_own_running_trials_go_with_their_parameters(
     mine.set_trial_system_attr(theirs._trial_id, "note", 1)
     stored = optuna.load_study(study_name="s", storage=storage_url).trials[1]
     assert stored.system_attrs["note"] == 1
+
+
+def test_a_packs_parameters_are_written_in_one_transaction(storage_url: str) -> None:
+    from sqlalchemy import event
+
+    mine = RunStorage(RDBStorage(storage_url), refresh=3600)
+    study = _study(mine)
+    trials = [study.ask() for _ in range(3)]
+    values = [t.suggest_float("x", 0.0, 1.0) for t in trials]
+    commits: list[int] = []
+    event.listen(mine._backend.engine, "commit", lambda _conn: commits.append(1))
+    mine.flush_trials([t._trial_id for t in trials])
+    assert len(commits) == 1
+    stored = optuna.load_study(study_name="s", storage=storage_url).trials
+    assert [t.params for t in stored] == [{"x": v} for v in values]
+    mine.flush_trials([t._trial_id for t in trials])  # nothing left to write: no transaction
+    assert len(commits) == 1
