@@ -513,16 +513,6 @@ class Pool:
             self.disabled = arrays is None  # the helpers end; none is started again
             self.cond.notify_all()
 
-    def job(
-        self,
-        key: int,
-        trials: Sequence[optuna.Trial],
-        configs: Sequence[TrialConfig],
-        run: Any,
-        finished: Sequence[optuna.trial.FrozenTrial],
-    ) -> Job:
-        return make_job(key, trials, configs, run, finished)
-
     @contextlib.contextmanager
     def session(self, jobs: Sequence[Job]) -> Iterator[Iterator[tuple[int, Any]]]:
         """Share ``jobs`` with the helpers for the block, each taken in the order given

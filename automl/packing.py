@@ -1542,8 +1542,10 @@ def _train_pack(run: Any, trials: list[optuna.Trial], retry_history: Any) -> Non
     # Every piece is judged against the trials finished before the pack (and its own
     # earlier members), whichever process trains it and whenever: the same pruning
     # decisions however the pieces are shared out.
+    from automl.pack_pool import make_job
+
     jobs = [  # (pieces come costliest first; the helpers take them in that order)
-        pool.job(key, [trials[i] for i in piece], [configs[i] for i in piece], run, finished)
+        make_job(key, [trials[i] for i in piece], [configs[i] for i in piece], run, finished)
         for key, piece in enumerate(pieces)
     ]
     with pool.session(jobs) as session:

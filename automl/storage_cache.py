@@ -60,6 +60,8 @@ class RunStorage(_CachedStorage):
         self._pending: dict[int, list[tuple[str, float, Any, Any]]] = {}
         self._pending_attrs: dict[int, dict[str, Any]] = {}
         self._pending_user_attrs: dict[int, dict[str, Any]] = {}
+        # Statements built once and executed over many rows (see _write_into).
+        self._statements: dict[str, Any] = {}
         # This process's running trials, kept in step with its writes to them.
         self._owned: dict[int, Any] = {}
         # Reports of owned trials not yet written: trial id -> {step: value}; and when
@@ -109,7 +111,6 @@ class RunStorage(_CachedStorage):
     def flush_trials(self, trial_ids: Sequence[int]) -> None:
         """Write the buffered parameters and attributes of several trials (a pack's) in
         one transaction."""
-        from optuna.storages._rdb import models
         from optuna.storages._rdb.storage import _create_scoped_session
 
         ids = [i for i in trial_ids if self._buffered(i, reports=False)]
@@ -119,8 +120,7 @@ class RunStorage(_CachedStorage):
         written = {}
         with _create_scoped_session(backend.scoped_session, True) as session:
             for trial_id in ids:
-                trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
-                backend.check_trial_is_updatable(trial_id, trial.state)  # type: ignore[arg-type]
+                self._check_updatable(session, trial_id)
                 written[trial_id] = self._write_into(session, trial_id, reports=False)
         for trial_id, what in written.items():
             self._forget(trial_id, what)
@@ -137,21 +137,36 @@ class RunStorage(_CachedStorage):
         """Write what is buffered for the trial (parameters, attributes and, with
         ``reports``, its reports) in one transaction; the buffers are emptied once it is
         committed."""
-        from optuna.storages._rdb import models
         from optuna.storages._rdb.storage import _create_scoped_session
 
         if not self._buffered(trial_id, reports=reports):
             return
-        backend = self._backend
-        with _create_scoped_session(backend.scoped_session, True) as session:
-            trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
-            backend.check_trial_is_updatable(trial_id, trial.state)  # type: ignore[arg-type]
+        with _create_scoped_session(self._backend.scoped_session, True) as session:
+            self._check_updatable(session, trial_id)
             written = self._write_into(session, trial_id, reports=reports)
         self._forget(trial_id, written)
 
+    def _check_updatable(self, session: Any, trial_id: int, *, lock: bool = False) -> None:
+        """Optuna's check that a trial exists and has not finished, in one query (with
+        ``lock``, its row locked for the transaction where the database can)."""
+        import sqlalchemy
+        from optuna.storages._rdb import models
+
+        table = models.TrialModel.__table__
+        query = sqlalchemy.select(table.c.state).where(table.c.trial_id == trial_id)
+        state = session.execute(query.with_for_update() if lock else query).scalar_one_or_none()
+        if state is None:
+            raise KeyError(models.NOT_FOUND_MSG)
+        self._backend.check_trial_is_updatable(trial_id, state)
+
     def _write_into(self, session: Any, trial_id: int, *, reports: bool) -> dict[str, Any]:
-        """Add the trial's buffered writes to ``session`` (not committed); what was
-        written, for _forget once it is."""
+        """Add the trial's buffered writes to ``session`` (not committed): on SQLite and
+        PostgreSQL a few cached statements, each executed over all its rows at once (a
+        statement built per write was compiled anew every time: most of a trial's
+        bookkeeping); elsewhere Optuna's own writes. What was written, for _forget once it
+        is committed."""
+        import json
+
         from optuna.distributions import distribution_to_json
         from optuna.storages._rdb import models
 
@@ -162,11 +177,21 @@ class RunStorage(_CachedStorage):
             "user_attrs": dict(self._pending_user_attrs.get(trial_id, {})),
             "reports": dict(self._reports.get(trial_id, {})) if reports else {},
         }
-        for key, value in written["attrs"].items():
-            backend._set_trial_attr_without_commit(
-                session, models.TrialSystemAttributeModel, trial_id, key, value
-            )
-        self._upsert_user_attrs(session, trial_id, written["user_attrs"])
+        fast = backend.engine.name in ("sqlite", "postgresql")
+        for model, attrs in (
+            (models.TrialSystemAttributeModel, written["attrs"]),
+            (models.TrialUserAttributeModel, written["user_attrs"]),
+        ):
+            if attrs and fast:
+                rows = [
+                    {"trial_id": trial_id, "key": k, "value_json": json.dumps(v)}
+                    for k, v in attrs.items()
+                ]
+                session.execute(self._upsert(model, ("trial_id", "key"), ("value_json",)), rows)
+            else:
+                for key, value in attrs.items():
+                    backend._set_trial_attr_without_commit(session, model, trial_id, key, value)
+        params = []
         for name, value, distribution, previous in written["params"]:
             if previous is None:  # a name new to this process: Optuna checks the study
                 backend._set_trial_param_without_commit(
@@ -174,15 +199,17 @@ class RunStorage(_CachedStorage):
                 )
                 continue
             # Compatibility with ``previous`` was checked when the value was buffered.
-            session.add(
-                models.TrialParamModel(
-                    trial_id=trial_id,
-                    param_name=name,
-                    param_value=value,
-                    distribution_json=distribution_to_json(distribution),
-                )
+            params.append(
+                {
+                    "trial_id": trial_id,
+                    "param_name": name,
+                    "param_value": value,
+                    "distribution_json": distribution_to_json(distribution),
+                }
             )
-        if written["reports"]:
+        if params:
+            session.execute(self._statement("params"), params)
+        if written["reports"]:  # (buffered on SQLite and PostgreSQL only)
             model = models.TrialIntermediateValueModel
             rows = []
             for step, value in sorted(written["reports"].items()):
@@ -195,21 +222,36 @@ class RunStorage(_CachedStorage):
                         "intermediate_value_type": kind,
                     }
                 )
-            stmt = self._insert(model).values(rows)
-            session.execute(
-                stmt.on_conflict_do_update(
-                    index_elements=[model.trial_id, model.step],
-                    set_={
-                        "intermediate_value": stmt.excluded.intermediate_value,
-                        "intermediate_value_type": stmt.excluded.intermediate_value_type,
-                    },
-                )
-            )
+            columns = ("intermediate_value", "intermediate_value_type")
+            session.execute(self._upsert(model, ("trial_id", "step"), columns), rows)
         return written
 
+    def _upsert(self, model: Any, keys: tuple[str, ...], columns: tuple[str, ...]) -> Any:
+        """The cached ``INSERT .. ON CONFLICT (keys) DO UPDATE SET columns`` of ``model``
+        (SQLite, PostgreSQL), for executing over many rows."""
+        statement = self._statements.get(model.__tablename__)
+        if statement is None:
+            insert = self._insert(model)
+            statement = insert.on_conflict_do_update(
+                index_elements=[getattr(model, k) for k in keys],
+                set_={c: getattr(insert.excluded, c) for c in columns},
+            )
+            self._statements[model.__tablename__] = statement
+        return statement
+
+    def _statement(self, name: str) -> Any:
+        """Other cached statements: ``params`` (an INSERT of trial parameters)."""
+        statement = self._statements.get(name)
+        if statement is None:
+            import sqlalchemy
+            from optuna.storages._rdb import models
+
+            statement = sqlalchemy.insert(models.TrialParamModel)
+            self._statements[name] = statement
+        return statement
+
     def _upsert_user_attrs(self, session: Any, trial_id: int, attrs: dict[str, Any]) -> None:
-        """Add user attributes to ``session``: one multi-row upsert on SQLite and
-        PostgreSQL, one statement each elsewhere."""
+        """Add user attributes to ``session`` (see _write_into)."""
         import json
 
         from optuna.storages._rdb import models
@@ -225,13 +267,7 @@ class RunStorage(_CachedStorage):
         rows = [
             {"trial_id": trial_id, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()
         ]
-        stmt = self._insert(model).values(rows)
-        session.execute(
-            stmt.on_conflict_do_update(
-                index_elements=[model.trial_id, model.key],
-                set_={"value_json": stmt.excluded.value_json},
-            )
-        )
+        session.execute(self._upsert(model, ("trial_id", "key"), ("value_json",)), rows)
 
     def _forget(self, trial_id: int, written: dict[str, Any]) -> None:
         """Drop from the buffers what ``written`` holds (committed now); anything buffered
@@ -443,20 +479,38 @@ class RunStorage(_CachedStorage):
         fewer, most of a trial's bookkeeping on SQLite)."""
         import datetime
 
+        import sqlalchemy
         from optuna.storages._rdb import models
         from optuna.storages._rdb.storage import _create_scoped_session
         from sqlalchemy import exc
 
         backend = self._backend
+        trials = models.TrialModel.__table__
         try:
             with _create_scoped_session(backend.scoped_session) as session:
-                trial = models.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
-                backend.check_trial_is_updatable(trial_id, trial.state)  # type: ignore[arg-type]
+                self._check_updatable(session, trial_id, lock=True)
                 written = self._write_into(session, trial_id, reports=True)
-                for objective, value in enumerate(values or ()):
-                    backend._set_trial_value_without_commit(session, trial, objective, value)
-                trial.state = state
-                trial.datetime_complete = datetime.datetime.now()
+                if values:
+                    model = models.TrialValueModel
+                    rows = []
+                    for objective, value in enumerate(values):
+                        stored, kind = model.value_to_stored_repr(value)
+                        rows.append(
+                            {
+                                "trial_id": trial_id,
+                                "objective": objective,
+                                "value": stored,
+                                "value_type": kind,
+                            }
+                        )
+                    columns = ("value", "value_type")
+                    upsert = self._upsert(model, ("trial_id", "objective"), columns)
+                    session.execute(upsert, rows)
+                session.execute(
+                    sqlalchemy.update(trials)
+                    .where(trials.c.trial_id == trial_id)
+                    .values(state=state, datetime_complete=datetime.datetime.now())
+                )
         except exc.IntegrityError:
             self._last_read.clear()
             return False
@@ -514,7 +568,6 @@ class RunStorage(_CachedStorage):
         written with its next write (its end at the latest, in the same transaction);
         of any other, in one transaction now (one multi-row upsert on SQLite and
         PostgreSQL)."""
-        from optuna.storages._rdb import models
         from optuna.storages._rdb.storage import _create_scoped_session
 
         owned = self._own(trial_id)
@@ -523,8 +576,6 @@ class RunStorage(_CachedStorage):
             self._pending_user_attrs.setdefault(trial_id, {}).update(attrs)
             return
         self._flush(trial_id)
-        backend = self._backend
-        with _create_scoped_session(backend.scoped_session, True) as session:
-            trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
-            backend.check_trial_is_updatable(trial_id, trial.state)  # type: ignore[arg-type]
+        with _create_scoped_session(self._backend.scoped_session, True) as session:
+            self._check_updatable(session, trial_id)
             self._upsert_user_attrs(session, trial_id, attrs)
