@@ -31,7 +31,11 @@ HERE = Path(__file__).resolve().parent
 SCRIPTS: dict[str, tuple[list[str], list[str], bool]] = {
     "help_time": (["--runs", "20"], ["--runs", "5"], False),
     "fused": ([], ["--sizes", "1,8"], False),
-    "sequential": (["--n-trials", "64", "--rounds", "2"], ["--n-trials", "8"], True),
+    "sequential": (
+        ["--n-trials", "64", "--rounds", "2", "--one-process"],
+        ["--n-trials", "8"],
+        True,
+    ),
     "bookkeeping": (["--n-trials", "1000"], ["--n-trials", "100"], True),
     "checkpoints": ([], ["--repeats", "2"], True),
     "workers": ([], ["--trials", "10", "--storages", "sqlite"], True),
