@@ -56,9 +56,11 @@ MAX_HELPER_BYTES = 512 * 2**20
 
 def planned_processes(space: Space, pack: int, device: str) -> int:
     """How many processes should train this run's packs: its cores (its share of them
-    under ``--workers``) divided by torch's threads a process, at most the pack size and
-    MAX_PROCESSES; 1 where helpers cannot help (a GPU, a pruner that reads more than the
-    finished trials' values). ``AUTOML_PACK_PROCESSES`` overrides the count."""
+    under ``--workers``, which a pack run spends on processes of one thread each, not on
+    one process's threads) divided by torch's threads a process (``OMP_NUM_THREADS``,
+    set by the user), at most the pack size and MAX_PROCESSES; 1 where helpers cannot
+    help (a GPU, a pruner that reads more than the finished trials' values).
+    ``AUTOML_PACK_PROCESSES`` overrides the count."""
     from automl.workers import n_cores, visible_gpus
 
     if pack < 2 or space.model != "mlp":  # (only MLPs are fused)
@@ -78,12 +80,13 @@ def planned_processes(space: Space, pack: int, device: str) -> int:
 
 
 def _threads_per_process() -> int:
-    """Torch's threads in a run process (training.configure_threads, without torch)."""
-    for name in ("AUTOML_NUM_THREADS", "OMP_NUM_THREADS"):
-        raw = os.environ.get(name, "")
-        if raw.isdigit() and int(raw) > 0:
-            return int(raw)
-    return 1
+    """Torch's threads in each process of a pack run: one, unless the user set
+    ``OMP_NUM_THREADS`` (a ``--workers`` worker's own share, ``AUTOML_NUM_THREADS``, goes
+    to processes instead)."""
+    if os.environ.get("AUTOML_NUM_THREADS"):
+        return 1
+    raw = os.environ.get("OMP_NUM_THREADS", "")
+    return int(raw) if raw.isdigit() and int(raw) > 0 else 1
 
 
 def _may_pick_mps() -> bool:

@@ -701,6 +701,10 @@ def _run_study(
     from automl.training import configure_threads
 
     configure_threads(device)
+    if pool is not None and device == "cpu":
+        import torch
+
+        torch.set_num_threads(pool.threads)  # the run's cores go to pack processes
     # Bad data is bad input: find it before anything is written to the storage.
     space, dataset = load_for_space(space, seed)
     data = to_device(dataset, device, model=space.model)

@@ -420,6 +420,12 @@ def test_planned_processes_follow_cores_threads_device_and_pruner(
     monkeypatch.delenv("OMP_NUM_THREADS")
     monkeypatch.setenv("AUTOML_NUM_THREADS", "1")  # a --workers worker's share: one core
     assert planned_processes(space(), 8, "cpu") == 1
+    # A worker's share of 3 cores (its OMP_NUM_THREADS too): three processes, a thread each.
+    monkeypatch.setenv("AUTOML_NUM_THREADS", "3")
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert planned_processes(space(), 8, "cpu") == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setenv("AUTOML_NUM_THREADS", "1")
     monkeypatch.setenv(PROCESSES_ENV, "3")
     assert planned_processes(space(), 8, "cpu") == 3
     monkeypatch.setattr(workers, "visible_gpus", lambda env=None: ["0"])
