@@ -23,8 +23,11 @@ end time are what the database now holds), so asking the next trial reads nothin
 Writes: a trial's suggested parameters (and the system attributes of this process's
 running trials: TPE's relative parameters) are buffered and written in one transaction
 when the configuration is complete (``flush_params``, called by the objective before
-training) or before anything else touches the trial; user attributes are written in one
-statement (``set_trial_user_attrs``). Reports (intermediate values) of this process's own
+training; a pack's trials all in one, ``flush_trials``) or before anything else touches
+the trial. User attributes of this process's running trials are buffered too, and
+written with the trial's end: its remaining reports, attributes, state and values in one
+transaction (``_finish``). Each kind of write is a statement built once and executed over
+all its rows. Reports (intermediate values) of this process's own
 running trials are buffered too and written in one statement at most every ``refresh``
 seconds, before the trial's end is written, before any other write to the trial, and
 before a checkpoint is saved (``flush_reports``, so a resumed trial finds every epoch up
@@ -165,7 +168,6 @@ class RunStorage(_CachedStorage):
         statement built per write was compiled anew every time: most of a trial's
         bookkeeping); elsewhere Optuna's own writes. What was written, for _forget once it
         is committed."""
-        import json
 
         from optuna.distributions import distribution_to_json
         from optuna.storages._rdb import models
@@ -177,20 +179,8 @@ class RunStorage(_CachedStorage):
             "user_attrs": dict(self._pending_user_attrs.get(trial_id, {})),
             "reports": dict(self._reports.get(trial_id, {})) if reports else {},
         }
-        fast = backend.engine.name in ("sqlite", "postgresql")
-        for model, attrs in (
-            (models.TrialSystemAttributeModel, written["attrs"]),
-            (models.TrialUserAttributeModel, written["user_attrs"]),
-        ):
-            if attrs and fast:
-                rows = [
-                    {"trial_id": trial_id, "key": k, "value_json": json.dumps(v)}
-                    for k, v in attrs.items()
-                ]
-                session.execute(self._upsert(model, ("trial_id", "key"), ("value_json",)), rows)
-            else:
-                for key, value in attrs.items():
-                    backend._set_trial_attr_without_commit(session, model, trial_id, key, value)
+        self._write_attrs(session, models.TrialSystemAttributeModel, trial_id, written["attrs"])
+        self._write_attrs(session, models.TrialUserAttributeModel, trial_id, written["user_attrs"])
         params = []
         for name, value, distribution, previous in written["params"]:
             if previous is None:  # a name new to this process: Optuna checks the study
@@ -250,16 +240,15 @@ class RunStorage(_CachedStorage):
             self._statements[name] = statement
         return statement
 
-    def _upsert_user_attrs(self, session: Any, trial_id: int, attrs: dict[str, Any]) -> None:
-        """Add user attributes to ``session`` (see _write_into)."""
+    def _write_attrs(self, session: Any, model: Any, trial_id: int, attrs: dict[str, Any]) -> None:
+        """Add a trial's user or system attributes (``model``) to ``session``: one cached
+        upsert over all of them on SQLite and PostgreSQL, Optuna's write for each
+        elsewhere."""
         import json
-
-        from optuna.storages._rdb import models
 
         if not attrs:
             return
         backend = self._backend
-        model = models.TrialUserAttributeModel
         if backend.engine.name not in ("sqlite", "postgresql"):
             for key, value in attrs.items():
                 backend._set_trial_attr_without_commit(session, model, trial_id, key, value)
@@ -566,8 +555,8 @@ class RunStorage(_CachedStorage):
     def set_trial_user_attrs(self, trial_id: int, attrs: dict[str, Any]) -> None:
         """Set several user attributes: of this process's running trial, buffered and
         written with its next write (its end at the latest, in the same transaction);
-        of any other, in one transaction now (one multi-row upsert on SQLite and
-        PostgreSQL)."""
+        of any other, in one transaction now."""
+        from optuna.storages._rdb import models
         from optuna.storages._rdb.storage import _create_scoped_session
 
         owned = self._own(trial_id)
@@ -578,4 +567,4 @@ class RunStorage(_CachedStorage):
         self._flush(trial_id)
         with _create_scoped_session(self._backend.scoped_session, True) as session:
             self._check_updatable(session, trial_id)
-            self._upsert_user_attrs(session, trial_id, attrs)
+            self._write_attrs(session, models.TrialUserAttributeModel, trial_id, attrs)
