@@ -485,3 +485,23 @@ def test_data_too_big_to_copy_leaves_the_run_alone(
         assert all(h.dead for h in pool.helpers) and pool.restarts == 0
     finally:
         pool.close()
+
+
+def test_a_groups_hooks_run_in_the_callers_order_each_epoch(digits: DeviceData) -> None:
+    """The pruner judges a member against the ones asked before it, so each epoch the
+    members report in the order given, even where train_packed regroups them by
+    optimizer (sgd, adam, sgd: adam's update runs on its own slice)."""
+    from automl.packing import train_packed
+
+    configs = [
+        TrialConfig(optimizer=opt, optimizer_params={"lr": 0.01}, epochs=3, hidden_units=16, seed=i)
+        for i, opt in enumerate(["sgd", "adam", "sgd"])
+    ]
+    calls: list[tuple[int, int]] = []
+
+    def hook(m: int) -> Any:
+        return lambda epoch, _metrics: calls.append((epoch, m))
+
+    results = train_packed(configs, digits, on_epoch=[hook(m) for m in range(3)])
+    assert all(not isinstance(r, Exception) for r in results)
+    assert calls == [(e, m) for e in range(3) for m in range(3)]
