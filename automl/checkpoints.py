@@ -171,12 +171,13 @@ class Checkpointer:
         ``<number>.weights.pt`` with ``meta`` (or of ``final``, when it was given); None
         when there is neither."""
         state = self.final
-        for _, path in [] if state is not None else self._candidates():
-            state = load_file(path)
-            if state is not None and "model" in state:
-                break
-        if state is None or "model" not in state:
-            return None
+        if state is None:
+            for _, path in self._candidates():
+                state = load_file(path)
+                if state is not None and "model" in state:
+                    break
+            else:
+                return None
         model = state.get("best_model") or state["model"]
         best_epoch = int(state.get("best_epoch", state["epoch"]))
         atomic_save({"model": model, "epoch": best_epoch + 1, **meta}, self.weights_path)

@@ -148,7 +148,8 @@ class MemberRecord:
             state = fields.pop("best_state", None)
             if state is not None:
                 state = {k: torch.from_numpy(v) for k, v in state.items()}
-            return PackedResult(**fields, best_state=state)
+            # (its history: the epochs the record holds, the very metrics it reported)
+            return PackedResult(**fields, history=self.history, best_state=state)
         if self.kind == "pruned":
             return optuna.TrialPruned(self.message)
         if self.kind == "diverged":
@@ -169,7 +170,6 @@ def record_of(history: list[dict[str, float]], result: Any) -> MemberRecord:
             name: getattr(result, name)
             for name in (
                 "metrics",
-                "history",
                 "epochs_run",
                 "best_epoch",
                 "n_params",

@@ -167,16 +167,10 @@ def split_by_width(
     if device != "cpu" or len(order) < 3:
         return [order]
     first = configs[order[0]]
-    depth = first.n_layers
-    batch = first.batch_size
-
-    def mflops(width: int) -> float:  # forward and backward (3x) multiply-adds (2x)
-        per_row = n_features * width + (depth - 1) * width * width + width * n_outputs
-        return 6.0 * batch * per_row / 1e6
 
     def cost(lo: int, hi: int) -> float:  # members order[lo..hi], padded to order[hi]
         padded = padded_width(configs[order[hi]].hidden_units)
-        return GROUP_MS + (hi - lo + 1) * (MEMBER_MS + MS_PER_MFLOP * mflops(padded))
+        return _step_ms(first, hi - lo + 1, padded, n_features, n_outputs)
 
     n = len(order)
     best = [0.0] + [math.inf] * n  # best[j]: cheapest split of the first j members
@@ -1516,7 +1510,7 @@ def _train_pack(run: Any, trials: list[optuna.Trial], retry_history: Any) -> Non
     (pack_pool), they train pieces while this process trains the rest."""
     from automl.studies import _run_trial
 
-    pool = getattr(run, "pack_pool", None)
+    pool = run.pack_pool
     processes = pool.processes if pool is not None else 1
     finished = run.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     pruner = run.study.pruner
@@ -1624,9 +1618,17 @@ def piece_cost(
     first = configs[0]
     width = padded_width(max(c.hidden_units for c in configs))
     steps = -(-n_rows // first.batch_size) * first.epochs
-    per_row = n_features * width + (first.n_layers - 1) * width * width + width * n_outputs
-    mflops = 6.0 * first.batch_size * per_row / 1e6
-    return steps * (GROUP_MS + len(configs) * (MEMBER_MS + MS_PER_MFLOP * mflops))
+    return steps * _step_ms(first, len(configs), width, n_features, n_outputs)
+
+
+def _step_ms(
+    config: TrialConfig, members: int, width: int, n_features: int, n_outputs: int
+) -> float:
+    """The cost model's milliseconds for one step of ``members`` fused members of
+    ``config``'s depth and batch size, padded to ``width`` units."""
+    per_row = n_features * width + (config.n_layers - 1) * width * width + width * n_outputs
+    mflops = 6.0 * config.batch_size * per_row / 1e6  # forward and backward (3x) MACs (2x)
+    return GROUP_MS + members * (MEMBER_MS + MS_PER_MFLOP * mflops)
 
 
 # Searched names that decide a trial's group (group_key): a pack shares them.
@@ -1764,18 +1766,13 @@ def _run_group(
     ``reply``, take what a helper process recorded training it (pack_pool) and tell the
     same as if it had trained here: each epoch reported, each pruning decision repeated.
 
-    ``finished``: the trials the pruner compares with (with the members before each:
-    _PackPruner); None for the study's finished trials as they are now."""
+    The members come in the order they were asked (pack_pieces): each epoch they report,
+    and the pruner judges them, in that order, as if they had trained one after another
+    (_PackPruner). ``finished``: the trials the pruner compares with (with the members
+    before each); None for the study's finished trials as they are now."""
     from automl.checkpoints import Checkpointer
 
     objective = run.objective
-    # In the order they were asked: each epoch the members report (and the pruner judges
-    # them) in that order, as if they had trained one after another (_PackPruner).
-    order = sorted(range(len(trials)), key=lambda i: trials[i].number)
-    trials = [trials[i] for i in order]
-    configs = [configs[i] for i in order]
-    if reply is not None:
-        reply = [reply[i] for i in order]
     hooks = [objective.epoch_hook(t, c) for t, c in zip(trials, configs, strict=True)]
     study = run.study
     pruner = study.pruner

@@ -109,24 +109,12 @@ class RunStorage(_CachedStorage):
 
     def flush_params(self, trial_id: int) -> None:
         """Write the trial's buffered parameters and attributes in one transaction."""
-        self._write_buffered(trial_id, reports=False)
+        self._write_buffered([trial_id], reports=False)
 
     def flush_trials(self, trial_ids: Sequence[int]) -> None:
         """Write the buffered parameters and attributes of several trials (a pack's) in
         one transaction."""
-        from optuna.storages._rdb.storage import _create_scoped_session
-
-        ids = [i for i in trial_ids if self._buffered(i, reports=False)]
-        if not ids:
-            return
-        backend = self._backend
-        written = {}
-        with _create_scoped_session(backend.scoped_session, True) as session:
-            for trial_id in ids:
-                self._check_updatable(session, trial_id)
-                written[trial_id] = self._write_into(session, trial_id, reports=False)
-        for trial_id, what in written.items():
-            self._forget(trial_id, what)
+        self._write_buffered(trial_ids, reports=False)
 
     def _buffered(self, trial_id: int, *, reports: bool) -> bool:
         return bool(
@@ -136,18 +124,22 @@ class RunStorage(_CachedStorage):
             or (reports and self._reports.get(trial_id))
         )
 
-    def _write_buffered(self, trial_id: int, *, reports: bool) -> None:
-        """Write what is buffered for the trial (parameters, attributes and, with
-        ``reports``, its reports) in one transaction; the buffers are emptied once it is
-        committed."""
+    def _write_buffered(self, trial_ids: Sequence[int], *, reports: bool) -> None:
+        """Write what is buffered for the trials (parameters, attributes and, with
+        ``reports``, their reports) in one transaction; the buffers are emptied once it
+        is committed."""
         from optuna.storages._rdb.storage import _create_scoped_session
 
-        if not self._buffered(trial_id, reports=reports):
+        ids = [i for i in trial_ids if self._buffered(i, reports=reports)]
+        if not ids:
             return
+        written = {}
         with _create_scoped_session(self._backend.scoped_session, True) as session:
-            self._check_updatable(session, trial_id)
-            written = self._write_into(session, trial_id, reports=reports)
-        self._forget(trial_id, written)
+            for trial_id in ids:
+                self._check_updatable(session, trial_id)
+                written[trial_id] = self._write_into(session, trial_id, reports=reports)
+        for trial_id, what in written.items():
+            self._forget(trial_id, what)
 
     def _check_updatable(self, session: Any, trial_id: int, *, lock: bool = False) -> None:
         """Optuna's check that a trial exists and has not finished, in one query (with
@@ -169,6 +161,7 @@ class RunStorage(_CachedStorage):
         bookkeeping); elsewhere Optuna's own writes. What was written, for _forget once it
         is committed."""
 
+        import sqlalchemy
         from optuna.distributions import distribution_to_json
         from optuna.storages._rdb import models
 
@@ -198,7 +191,7 @@ class RunStorage(_CachedStorage):
                 }
             )
         if params:
-            session.execute(self._statement("params"), params)
+            session.execute(sqlalchemy.insert(models.TrialParamModel), params)
         if written["reports"]:  # (buffered on SQLite and PostgreSQL only)
             model = models.TrialIntermediateValueModel
             rows = []
@@ -227,17 +220,6 @@ class RunStorage(_CachedStorage):
                 set_={c: getattr(insert.excluded, c) for c in columns},
             )
             self._statements[model.__tablename__] = statement
-        return statement
-
-    def _statement(self, name: str) -> Any:
-        """Other cached statements: ``params`` (an INSERT of trial parameters)."""
-        statement = self._statements.get(name)
-        if statement is None:
-            import sqlalchemy
-            from optuna.storages._rdb import models
-
-            statement = sqlalchemy.insert(models.TrialParamModel)
-            self._statements[name] = statement
         return statement
 
     def _write_attrs(self, session: Any, model: Any, trial_id: int, attrs: dict[str, Any]) -> None:
@@ -319,11 +301,11 @@ class RunStorage(_CachedStorage):
         """Write the trial's buffered reports (and whatever else is buffered for it) in
         one transaction (see the module docstring)."""
         self._reports_written[trial_id] = time.monotonic()
-        self._write_buffered(trial_id, reports=True)
+        self._write_buffered([trial_id], reports=True)
 
     def _flush(self, trial_id: int) -> None:
         """Everything buffered for the trial, before another write to it."""
-        self._write_buffered(trial_id, reports=True)
+        self._write_buffered([trial_id], reports=True)
 
     def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
         self.set_trial_user_attrs(trial_id, {key: value})

@@ -128,7 +128,6 @@ class _LogNdtr:
     BUDGET = 500_000
 
     def __init__(self) -> None:
-        self._exact = _exact_log_ndtr
         self._scipys: Any = None
         self._left = self.BUDGET
 
@@ -139,11 +138,11 @@ class _LogNdtr:
 
         self._left -= int(np.size(a))
         if self._left >= 0:
-            return self._exact(a)
+            return _exact_log_ndtr(a)
         try:
             from scipy.special import log_ndtr
         except ImportError:
-            log_ndtr = self._exact
+            log_ndtr = _exact_log_ndtr
         self._scipys = log_ndtr
         return log_ndtr(a)
 
@@ -740,8 +739,17 @@ def _run_study(
         target = left if target is None else min(target, left)
     elif target is None and options.timeout is None:
         target = 20
-    run = _Run(study, options, objective, obs, summary, GracefulStop(), checkpoint_dir, target)
-    run.pack_pool = pool
+    run = _Run(
+        study,
+        options,
+        objective,
+        obs,
+        summary,
+        GracefulStop(),
+        checkpoint_dir,
+        target,
+        pack_pool=pool,
+    )
     obs.run_started(study, target)
     try:
         with run.stopper:
