@@ -10,6 +10,10 @@ device for both. On a GPU machine run it with --device cuda.
 
     python bench/fused.py [--sizes 1,4,8,16,32] [--device cpu|cuda] [--widths 4-128,32-64]
     python bench/fused.py --device cuda --bf16   # also under bf16 autocast
+
+Each row also gives the members' matrix-product work (unpadded, forward and backward,
+training and validation) as GFLOP, the rate the by-width run achieved on it, and this
+device's rate on one large product: how far a group is from what the hardware allows.
 """
 
 from __future__ import annotations
@@ -49,6 +53,35 @@ def configs(k: int, seed: int = 0, widths: tuple[int, int] = (4, 128)) -> list[T
     ]
 
 
+def matmul_gflop(
+    group: list[TrialConfig], n_train: int, n_val: int, n_in: int, n_out: int
+) -> float:
+    """The members' matrix-product work in GFLOP, unpadded: 3 products a layer for a
+    training row (forward, and backward for inputs and weights), 1 for a validation row."""
+    total = 0.0
+    for c in group:
+        h = c.hidden_units
+        macs = n_in * h + (c.n_layers - 1) * h * h + h * n_out
+        total += 2 * macs * c.epochs * (3 * n_train + n_val)
+    return total / 1e9
+
+
+def peak_gflops(device: str) -> float:
+    """One thread's rate on a 1024 x 1024 matrix product, the best of 5."""
+    a = torch.randn(1024, 1024, device=device)
+    best = float("inf")
+    for _ in range(5):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(4):
+            a @ a
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - started) / 4)
+    return 2 * 1024**3 / best / 1e9
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1,4,8,16,32")
@@ -66,6 +99,9 @@ def main() -> None:
     warm = configs(1, seed=99)[0]
     train(warm, data)  # warm-up (first optimizer, first kernels)
     train_packed([warm, warm], data)
+    peak = peak_gflops(device)
+    n_in, n_out = data.X_train.shape[1], data.n_outputs
+    n_train, n_val = data.X_train.shape[0], data.X_val.shape[0]
     for mode, widths, k in (
         (mode, widths, int(k)) for mode in modes for widths in ranges for k in args.sizes.split(",")
     ):
@@ -90,11 +126,13 @@ def main() -> None:
             scores = [r.metrics["val_accuracy"] for r in results if not isinstance(r, Exception)]
             # ... and as `--pack` trains them on one core: split into sub-groups of
             # similar widths (packing.split_by_width), a sub-group of one fused alone.
-            parts = split_by_width(group, data.X_train.shape[1], data.n_outputs, device)
+            parts = split_by_width(group, n_in, n_out, device)
             started = time.perf_counter()
             for part in parts:
                 train_packed([group[i] for i in part], data, objective="val_accuracy")
-            bucketed = (time.perf_counter() - started) / k
+            bucketed_total = time.perf_counter() - started
+            bucketed = bucketed_total / k
+            gflop = matmul_gflop(group, n_train, n_val, n_in, n_out)
             row = {
                 "device": name,
                 "precision": mode,
@@ -106,6 +144,9 @@ def main() -> None:
                 "by_width_s_per_trial": round(bucketed, 4),
                 "by_width_speedup": round(sequential / bucketed, 2),
                 "by_width_groups": [len(p) for p in parts],
+                "matmul_gflop": round(gflop, 2),
+                "by_width_gflops": round(gflop / bucketed_total, 1),
+                "peak_gflops": round(peak, 1),
                 "best_val_accuracy": round(max(scores), 4) if scores else None,
                 "load": round((before + os.getloadavg()[0]) / 2, 2),
             }
