@@ -167,6 +167,13 @@ def _write_text(path: Path, text: str) -> None:
         raise AutomlError(f"cannot write {path}: {exc.strerror}") from None
 
 
+def _check_output(output: Path, study: Any, storage: str | None) -> None:
+    """Refuse (before any work) an output file that the study lives on or came from."""
+    from automl.outputs import refuse_overwrite, study_files
+
+    refuse_overwrite(output, study_files(study, storage))
+
+
 def _fail(message: str, code: int) -> typer.Exit:
     from rich.markup import escape
 
@@ -665,6 +672,8 @@ def export(
     if fmt not in ("csv", "json"):
         raise UsageError(f"--format must be csv or json, got {fmt!r}")
     study_obj = load_study(study, storage)
+    if output is not None:
+        _check_output(output, study_obj, storage)
     text = export_trials(study_obj, fmt=fmt)  # type: ignore[arg-type]
     if output is None:
         sys.stdout.write(text)
@@ -721,6 +730,7 @@ def retrain_cmd(
     from automl.studies import load_study
 
     study_obj = load_study(study, storage)
+    _check_output(output, study_obj, storage)
     err = _stderr()
     progress = None
     if err.is_terminal and not as_json and not reuse:
@@ -833,6 +843,7 @@ def report_cmd(
     from automl.studies import load_study
 
     study_obj = load_study(study, storage)
+    _check_output(output, study_obj, storage)
     summary = write_report(study_obj, output, storage_url=storage)
     out = _stdout()
     out.print(

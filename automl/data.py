@@ -12,6 +12,7 @@ import logging
 import lzma
 import math
 import re
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -149,7 +150,25 @@ class Preprocessor:
                             count,
                             col,
                         )
-            parts.append(self.scale_values(values))
+            with np.errstate(over="ignore"):  # an overflow is caught just below
+                scaled = self.scale_values(values)
+            # A value far outside what training saw (1e300 where the column held units)
+            # would become inf in float32 and the row's output NaN: read as missing.
+            huge = np.abs(scaled) > np.finfo(np.float32).max
+            if huge.any():
+                medians = self.scale_values(np.full((1, len(self.numeric)), np.nan))
+                scaled = np.where(huge, medians, scaled)
+                if warn is not None:
+                    for col, count in zip(self.numeric, huge.sum(axis=0), strict=True):
+                        if count:
+                            log.warning(
+                                "%s: %d value(s) of numeric column '%s' are too large for "
+                                "the model; they are read as missing",
+                                warn,
+                                count,
+                                col,
+                            )
+            parts.append(scaled)
         text = _text_block(frame, self.categorical) if self.categorical else None
         for j, col in enumerate(self.categorical):
             assert text is not None
@@ -519,15 +538,27 @@ def read_table(
                 raise DataError(f"{p}: is {kind}")
             sep, decimal = ("\t", ".") if suffix == ".tsv" else _sniff_csv(p)
             try:
-                frame = pd.read_csv(
-                    p,
-                    sep=sep,
-                    decimal=decimal,
-                    na_values=CSV_MISSING,
-                    header=0 if header else None,
-                )
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always", pd.errors.ParserWarning)
+                    frame = pd.read_csv(
+                        p,
+                        sep=sep,
+                        decimal=decimal,
+                        na_values=CSV_MISSING,
+                        header=0 if header else None,
+                        # A first row one field longer than the header is refused like
+                        # any ragged row, not read as an index that shifts every column
+                        # against its name (pandas then cuts it and warns).
+                        index_col=False,
+                    )
             except pd.errors.EmptyDataError:
                 raise DataError(f"{p}: the file is empty; it needs a header and rows") from None
+            if any("Length of header" in str(w.message) for w in caught):
+                line = 2 if header else 1
+                raise DataError(
+                    f"{p}: cannot read the data file: line {line} has more fields than "
+                    f"the {frame.shape[1]} the header names{_parse_hint('Expected fields')}"
+                )
             if frame.empty:
                 raise DataError(f"{p}: has a header but no rows")
             if header:
@@ -831,6 +862,14 @@ def load_frame(spec: DataSpec) -> tuple[str, pd.DataFrame, pd.Series, list[int] 
             f"{spec.path}: data.header applies to CSV files; remove it for this file type"
         )
     frame, image_shape = read_table(spec.path, header=spec.header)
+    if frame.attrs.get("csv", {}).get("header"):  # a CSV's names are read stripped
+        spec = spec.model_copy(
+            update={
+                "target": spec.target.strip() if spec.target else spec.target,
+                "drop": tuple(c.strip() for c in spec.drop),
+            }
+        )
+    assert spec.path is not None
     _numbers_with_strays(frame, spec.path)
     target_col = spec.target or ("y" if image_shape is not None or "y" in frame.columns else None)
     if target_col is None:
@@ -906,8 +945,10 @@ def load_frame(spec: DataSpec) -> tuple[str, pd.DataFrame, pd.Series, list[int] 
     return Path(spec.path).stem, features, target, image_shape
 
 
-def load_dataset(spec: DataSpec, *, seed: int = 0) -> Dataset:
-    """Load, split (stratified for classes, seeded) and preprocess (fitted on train only).
+def load_dataset(spec: DataSpec, *, seed: int = 0, fit_on_validation: bool = False) -> Dataset:
+    """Load, split (stratified for classes, seeded) and preprocess (fitted on train only;
+    with ``fit_on_validation`` on train + validation, for a final model trained on both:
+    its categories and scales then cover every row it learns from).
 
     A bundled dataset is read straight into arrays, without pandas (a third of a second
     of every run's start): its columns are all numeric and complete, and it is split and
@@ -941,21 +982,27 @@ def load_dataset(spec: DataSpec, *, seed: int = 0) -> Dataset:
         target = series.to_numpy()
         target_name = str(series.name) if series.name is not None else None
     train_idx, val_idx, test_idx = _split(spec.path or name, len(target), spec, seed, labels)
+    fit_idx = np.sort(np.concatenate([train_idx, val_idx])) if fit_on_validation else train_idx
     pre = Preprocessor(target=target_name, task=task, header=spec.header)
     pre.image_shape = image_shape
     if arrays is not None:
-        X = pre.fit_values(columns, values[train_idx]).scale_values(values)
+        X = pre.fit_values(columns, values[fit_idx]).scale_values(values)
         X = X.astype(np.float32)
     else:
-        pre.fit(features.iloc[train_idx])
+        try:
+            pre.fit(features.iloc[fit_idx])
+        except DataError as exc:  # the columns' errors name the file, as the others do
+            raise DataError(f"{spec.path or name}: {exc}") from None
         X = pre.transform(features)
     if task == "classification":
         pre.classes = sorted({_label_key(v) for v in target}, key=lambda v: (str(type(v)), v))
     else:
-        y_train = target[train_idx].astype(np.float64)
+        y_train = target[fit_idx].astype(np.float64)
         pre.y_mean = float(y_train.mean())
         std = float(y_train.std())
-        pre.y_std = std if std > 1e-12 else 1.0
+        # A target on a tiny scale (1e-12 units) is scaled like any other; only a
+        # training split whose values are all equal keeps a scale of 1.
+        pre.y_std = std if std > 0 else 1.0
     if image_shape is not None and X.shape[1] != int(np.prod(image_shape)):
         raise DataError(f"{name}: image inputs cannot have text columns")
     y = pre.encode_target(target)
@@ -1013,12 +1060,23 @@ def _regression_target(name: str, target: pd.Series, task: Task) -> pd.Series:
 
 
 def _check_target_spread(name: str, target: pd.Series, task: Task) -> None:
-    """A regression target with one value has nothing to learn: refused."""
+    """A regression target with one value has nothing to learn, and one beyond
+    LARGEST_VALUE cannot be standardised: both refused."""
+    if task != "regression":
+        return
     distinct = int(target.nunique())
-    if task == "regression" and distinct == 1:
+    if distinct == 1:
         raise DataError(
             f"{name}: the target '{target.name}' has a single value ({target.iloc[0]}); "
             "there is nothing to learn"
+        )
+    values = target.to_numpy(dtype=np.float64, na_value=np.nan)
+    with np.errstate(invalid="ignore"):
+        big = float(np.nanmax(np.abs(values))) if values.size else 0.0
+    if big > LARGEST_VALUE:
+        raise DataError(
+            f"{name}: the target '{target.name}' holds values up to {big:.3g}, too large to "
+            "scale; rescale it (a log, or a division by a power of ten)"
         )
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from automl.errors import AutomlError, DataError, UsageError
+from automl.outputs import refuse_overwrite
 
 if TYPE_CHECKING:
     import numpy as np
@@ -219,7 +220,11 @@ def retrain(
     from automl.lifecycle import check_data_file
 
     check_data_file(study, space.data.path, record=False)
-    dataset = load_dataset(space.data, seed=data_seed(study, trial, space))
+    # A new model learns from train + validation, so its preprocessing is fitted on both
+    # (a category only the validation rows hold is known); kept weights need the search's.
+    dataset = load_dataset(
+        space.data, seed=data_seed(study, trial, space), fit_on_validation=not reuse
+    )
     space = space.for_task(dataset.task)
     config = trial_config(study, trial, space)
     dev = resolve_device(device)
@@ -623,11 +628,7 @@ def prediction_format(output: Path, inputs: tuple[Path, ...] = ()) -> str:
         raise UsageError(
             f"-o {output}: is a folder; name a file, e.g. {output / 'predictions.csv'}"
         )
-    for source in inputs:
-        if output.exists() and source.exists() and os.path.samefile(output, source):
-            raise UsageError(
-                f"-o {output}: is the input file {source}; write the predictions to another file"
-            )
+    refuse_overwrite(output, [(source, "the input file") for source in inputs])
     suffixes = [x.lower() for x in output.suffixes[-2:]]
     if len(suffixes) == 2 and suffixes[0] == ".csv" and suffixes[1] in (".gz", ".bz2", ".xz"):
         return "csv"

@@ -562,3 +562,40 @@ def test_the_csv_example_runs_from_another_folder_with_flags_over_it() -> None:
     args = ["run", str(example), "--n-trials", "1", "--epochs", "1", "--storage", "sqlite:///s.db"]
     res = CliRunner().invoke(app, args)  # the working directory is a tmp folder
     assert res.exit_code == 0, res.output
+
+
+def test_a_first_row_longer_than_the_header_is_refused_not_shifted(tmp_path: Path) -> None:
+    """pandas reads such a row's first field as an index and shifts every column
+    against its name (the label became a feature): refused like any ragged row."""
+    rows = "".join(f"{i},{i % 3},{'xy'[i % 2]}\n" for i in range(20))
+    (tmp_path / "r.csv").write_text("a,b,label\n1,2,x,9\n" + rows)
+    with pytest.raises(DataError, match=r"r.csv: cannot read .*line 2 has more fields than the 3"):
+        load_dataset(DataSpec(path=str(tmp_path / "r.csv"), target="label"))
+    with pytest.raises(DataError, match=r"line 2 has more fields"):
+        read_table(tmp_path / "r.csv")
+
+
+def test_regression_targets_too_large_or_on_a_tiny_scale(tmp_path: Path) -> None:
+    rng = np.random.default_rng(6)
+    a = rng.normal(size=40)
+    frame = pd.DataFrame({"a": a, "y": a * 1e200})
+    frame.to_csv(tmp_path / "big.csv", index=False)
+    with pytest.raises(DataError, match=r"big.csv: the target 'y' holds values up to .*too large"):
+        load_dataset(DataSpec(path=str(tmp_path / "big.csv"), target="y"))
+    # A column's error names the file too.
+    frame.rename(columns={"y": "z"}).assign(y=a).to_csv(tmp_path / "col.csv", index=False)
+    with pytest.raises(DataError, match=r"col.csv: column 'z' holds values up to"):
+        load_dataset(DataSpec(path=str(tmp_path / "col.csv"), target="y"))
+    # A target in units of 1e-12 is standardised like any other (it was left unscaled).
+    frame.assign(y=a * 1e-12).to_csv(tmp_path / "tiny.csv", index=False)
+    data = load_dataset(DataSpec(path=str(tmp_path / "tiny.csv"), target="y"))
+    assert 1e-13 < data.preprocessor.y_std < 1e-11
+    assert 0.5 < float(np.std(data.y_train)) < 2.0
+
+
+def test_target_and_drop_names_match_a_csv_header_written_with_spaces(tmp_path: Path) -> None:
+    frame = _frame()
+    frame.columns = [" id ", "size", "count", "colour", " label "]
+    path = _csv(tmp_path, frame)
+    data = load_dataset(DataSpec(path=path, target=" label ", drop=(" id ",)))
+    assert data.preprocessor.target == "label" and "id" not in data.preprocessor.numeric

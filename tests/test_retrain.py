@@ -559,3 +559,122 @@ def test_a_model_trained_without_a_header_predicts_files_without_one(tmp_path: P
     lines = result.output.split()
     assert lines[0] == "prediction" and len(lines) == 4  # all three rows, none taken as names
     assert set(lines[1:]) <= {"a", "b"}
+
+
+def test_no_output_is_written_over_the_files_a_study_lives_on(
+    searched: Searched, tmp_path: Path
+) -> None:
+    """retrain, report, export and predict -o never replace the storage, its SQLite
+    sidecars, the data file or the space file, however the path is spelled."""
+    db = searched.root / "studies.db"
+    data = searched.root / "data" / "flowers.csv"
+    space = searched.root / "spaces" / "flowers.yaml"
+    before = {p: p.read_bytes() for p in (db, data, space)}
+    storage = ["--storage", searched.url]
+    detour = searched.root / "nosuch" / ".." / "data" / "flowers.csv"  # nosuch/ not there
+    cases = [
+        (["retrain", "flowers", *storage, "-o", str(db)], "is the study's SQLite storage"),
+        (["report", "flowers", *storage, "-o", str(db)], "is the study's SQLite storage"),
+        (["export", "flowers", *storage, "-o", f"{db}-wal"], "is a file of the SQLite storage"),
+        (["retrain", "flowers", *storage, "-o", str(detour)], "is the study's data file"),
+        (["export", "flowers", *storage, "-o", str(data)], "is the study's data file"),
+        (["report", "flowers", *storage, "-o", str(space)], "is the study's space file"),
+    ]
+    for args, message in cases:
+        refused = runner.invoke(app, args)
+        assert refused.exit_code == 2, (args, refused.stderr)
+        assert message in refused.stderr, refused.stderr
+        assert refused.stderr.count("\n") == 1  # one line
+    assert {p: p.read_bytes() for p in before} == before
+    assert not (searched.root / "nosuch").exists()
+    # The study still loads and a write elsewhere works.
+    ok = runner.invoke(app, ["export", "flowers", *storage, "-o", str(tmp_path / "t.csv")])
+    assert ok.exit_code == 0, ok.stderr
+    assert len(pd.read_csv(tmp_path / "t.csv")) == 3
+
+
+def test_predict_refuses_an_output_that_reaches_its_input_through_a_missing_folder(
+    model_file: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "in.csv"
+    _flowers().to_csv(data, index=False)
+    before = data.read_bytes()
+    detour = tmp_path / "nosuch" / ".." / "in.csv"
+    refused = runner.invoke(app, ["predict", str(model_file), str(data), "-o", str(detour)])
+    assert refused.exit_code == 2
+    assert "is the input file" in refused.stderr
+    assert data.read_bytes() == before
+    assert not (tmp_path / "nosuch").exists()
+
+
+def test_predict_reads_values_too_large_for_the_model_as_missing(
+    model_file: Path, tmp_path: Path
+) -> None:
+    frame = _flowers().head(4).drop(columns=["species"])
+    frame.loc[0, "sepal length (cm)"] = 1e300  # float32 overflows: the row's output was NaN
+    frame.loc[1, "petal length (cm)"] = -1e308
+    frame.to_csv(tmp_path / "in.csv", index=False)
+    result = runner.invoke(app, ["predict", str(model_file), str(tmp_path / "in.csv"), "--proba"])
+    assert result.exit_code == 0, result.stderr
+    pred = pd.read_csv(io.StringIO(result.stdout))
+    probs = pred.filter(like="proba_").to_numpy()
+    assert np.isfinite(probs).all() and np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert pred["prediction"].notna().all()
+    assert "RuntimeWarning" not in result.stderr
+    lines = [x for x in result.stderr.splitlines() if "too large for the model" in x]
+    assert len(lines) == 2 and "'sepal length (cm)'" in lines[0]
+
+
+def test_retrain_fits_the_preprocessing_on_train_and_validation(tmp_path: Path) -> None:
+    """A category only validation rows hold is known to the final model (it learns
+    from them), so predicting the study's own data warns of no unseen category."""
+    rng = np.random.default_rng(0)
+    n = 60
+    frame = pd.DataFrame({"a": rng.normal(size=n), "color": ["red", "blue"] * (n // 2)})
+    frame["label"] = np.where(frame["a"] > 0, "yes", "no")
+    space_text = """\
+name: colors
+data: {path: colors.csv, target: label, validation: 0.25, test: 0}
+train: {epochs: 2, patience: 0}
+objective: val_accuracy
+study: {sampler: random, pruner: none, seed: 0}
+space:
+  optimizer: {adam: {lr: 0.01}}
+  batch_size: 16
+  hidden_units: 8
+  n_layers: 1
+"""
+    (tmp_path / "colors.yaml").write_text(space_text)
+    frame.to_csv(tmp_path / "colors.csv", index=False)
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    old = Path.cwd()
+    os.chdir(tmp_path)
+    try:
+        from automl.data import load_dataset
+
+        space = load_space("colors.yaml")
+        # Give the validation rows (as the search splits them) a colour of their own.
+        from automl.data import _split
+
+        _, val_idx, _ = _split("colors.csv", n, space.data, 0, frame["label"].to_numpy())
+        assert len(val_idx) == 15
+        frame.loc[val_idx, "color"] = "green"
+        frame.to_csv("colors.csv", index=False)
+        space = load_space("colors.yaml")
+        run_study(space, RunOptions(study_name="colors", storage_url=url, n_trials=1, device="cpu"))
+        searched_pre = load_dataset(space.data, seed=0).preprocessor
+        assert searched_pre.categories == [["blue", "red"]]  # the search: train rows only
+        result = runner.invoke(app, ["retrain", "colors", "--storage", url, "-o", "m.pt"])
+        assert result.exit_code == 0, result.stderr
+        kept = load_model_file(Path("m.pt"))
+        assert kept.preprocessor.categories == [["blue", "green", "red"]]
+        pred = runner.invoke(app, ["predict", "m.pt", "colors.csv"])
+        assert pred.exit_code == 0, pred.stderr
+        assert "not seen in training" not in pred.stderr
+        reused = runner.invoke(
+            app, ["retrain", "colors", "--storage", url, "-o", "r.pt", "--reuse"]
+        )
+        assert reused.exit_code == 0, reused.stderr
+        assert load_model_file(Path("r.pt")).preprocessor.categories == [["blue", "red"]]
+    finally:
+        os.chdir(old)
