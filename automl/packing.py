@@ -1596,7 +1596,7 @@ def _balance(
     most alike) while it costs more than an even share of the work among ``processes``
     and has two members or more; at most 4 pieces a process."""
     pieces = [list(p) for p in pieces]
-    while len(pieces) < 4 * processes:
+    while pieces and len(pieces) < 4 * processes:
         total = sum(cost(p) for p in pieces)
         biggest = max(pieces, key=cost)
         if len(biggest) < 2 or cost(biggest) <= 1.05 * total / processes:

@@ -358,6 +358,44 @@ def test_sigterm_records_the_trial_as_interrupted_and_the_next_run_resumes_it(
     assert not (ckdir / "0.pt").exists() and not (ckdir / "1.pt").exists()
 
 
+def test_a_pack_of_only_retries_trains_them_on_several_processes(
+    tmp_path: Path, storage_url: str
+) -> None:
+    """A --pack run whose pack holds nothing but retries (as after a SIGTERM mid-pack)
+    trains them; with helper processes it crashed on an empty
+    list of fused pieces, and every later cron run with it."""
+    space = tmp_path / "slow.yaml"
+    epochs = 8 * SLOW_EPOCHS  # a fused pair of iris models: long enough to be cut off
+    space.write_text(SLOW_SPACE.replace(f"epochs: {SLOW_EPOCHS}", f"epochs: {epochs}"))
+    args = ["run", str(space), "--n-trials", "2", "--pack", "2", "--storage", storage_url]
+    env = {**_env(), "AUTOML_PACK_PROCESSES": "1"}
+    proc = subprocess.Popen(
+        [*automl_command(), *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+
+    def training() -> bool:
+        try:
+            study = optuna.load_study(study_name="slow", storage=storage_url)
+        except KeyError:  # not created yet
+            return False
+        return _states(study) == ["RUNNING", "RUNNING"]
+
+    _wait_for(training, proc, "the pack's trials")
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err.decode()
+    study = optuna.load_study(study_name="slow", storage=storage_url)
+    assert _states(study) == ["FAIL", "FAIL", "WAITING", "WAITING"]
+
+    result = runner.invoke(app, args, env={"AUTOML_PACK_PROCESSES": "2"})
+    assert result.exit_code == 0, result.output
+    study = optuna.load_study(study_name="slow", storage=storage_url)
+    assert _states(study) == ["FAIL", "FAIL", "COMPLETE", "COMPLETE"]
+    for retry in study.trials[2:]:  # a fused group keeps no checkpoint: trained anew
+        assert sorted(retry.intermediate_values) == list(range(epochs))
+
+
 class _InterruptAt:
     """An observer that sends this process SIGINT at one epoch of one trial."""
 

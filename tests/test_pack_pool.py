@@ -449,6 +449,9 @@ def test_pack_pieces_share_the_work_among_processes(digits: DeviceData) -> None:
     # A lone compatible configuration is a piece of one: fused, not the sequential loop.
     pieces, alone = pack_pieces(same[:1], [True], digits, processes=2)
     assert pieces == [[0]] and alone == []
+    # A pack of nothing but retries: no piece to share out.
+    pieces, alone = pack_pieces(same[:3], [False] * 3, digits, processes=2)
+    assert pieces == [] and alone == [0, 1, 2]
 
 
 def test_a_run_with_several_processes_says_so_in_debug(tmp_path: Path, tiny_space: Path) -> None:
