@@ -2,9 +2,12 @@
 and clean-up once a trial is finished.
 
 A trial saves ``<dir>/<number>.pt`` at the end of every epoch. The folder sits beside a
-SQLite storage (``studies/automl.db`` -> ``studies/automl.db.checkpoints/<study>/``);
-other storages use ``./studies/checkpoints/<study>/``; ``AUTOML_CHECKPOINT_DIR`` overrides
-both (several machines sharing a PostgreSQL study want a shared folder there). A retried
+SQLite storage (``studies/automl.db`` -> ``studies/automl.db.checkpoints/<study>/``) or a
+journal file; other storages use ``./studies/checkpoints/<storage>/<study>/``, where
+``<storage>`` names the server and database with a hash of the URL (its password left
+out), so that studies of one name in two databases never share a folder;
+``AUTOML_CHECKPOINT_DIR`` overrides all of them (several machines sharing a PostgreSQL
+study want a shared folder there: one such folder per storage). A retried
 trial (Optuna's ``failed_trial`` / ``retry_history`` system attributes) loads the newest
 checkpoint of the trials it retries and carries on from the next epoch. A finished trial's
 checkpoints are removed; the best trial keeps its weights as ``<number>.weights.pt``.
@@ -37,12 +40,30 @@ def checkpoint_root(storage_url: str) -> Path:
     env = os.environ.get(CHECKPOINT_ENV)
     if env:
         return Path(env)
-    from automl.storage import _sqlite_path
+    from automl.storage import _journal_path, _sqlite_path
 
     sqlite = _sqlite_path(storage_url)
     if sqlite is not None:
         return sqlite.with_name(sqlite.name + ".checkpoints")
-    return Path("studies") / "checkpoints"
+    journal = _journal_path(storage_url)
+    if journal is not None:
+        return Path(journal + ".checkpoints")
+    return Path("studies") / "checkpoints" / storage_tag(storage_url)
+
+
+def storage_tag(storage_url: str) -> str:
+    """A folder name for a database server's storage: its scheme, host and database made
+    safe, and a hash of the URL without its password ('postgresql_db1.example_5432_exp-
+    1f3a...')."""
+    from automl.storage import mask_url
+
+    masked = mask_url(storage_url)
+    match = re.match(r"(?P<scheme>[^:/]+)://(?:[^@/]*@)?(?P<rest>.*)", masked)
+    readable = (
+        f"{match['scheme'].split('+')[0]}_{match['rest'].split('?')[0]}" if match else masked
+    )
+    safe = _UNSAFE.sub("_", readable).strip("._")[:48] or "storage"
+    return f"{safe}-{hashlib.sha256(masked.encode()).hexdigest()[:10]}"
 
 
 def study_checkpoint_dir(storage_url: str, study_name: str) -> Path:

@@ -238,7 +238,16 @@ def test_checkpoints_live_beside_a_sqlite_storage(
     assert study_checkpoint_dir(url, "a/b c").name.startswith("a_b_c-")
     assert len(study_checkpoint_dir(url, "x" * 300).name) == 64 + 13  # within NAME_MAX
     pg = "postgresql+psycopg://u:p@h/db"
-    assert study_checkpoint_dir(pg, "s") == Path("studies/checkpoints/s")
+    folder = study_checkpoint_dir(pg, "s")
+    assert folder.parent.parent == Path("studies/checkpoints") and folder.name == "s"
+    assert folder.parent.name.startswith("postgresql_h_db-")
+    # Studies of one name in two databases never share checkpoints or weights; a changed
+    # password is the same storage.
+    others = ["postgresql+psycopg://u:p@h/db2", "mysql+pymysql://u:p@h/db", "grpc://h:50051"]
+    assert len({folder, *(study_checkpoint_dir(o, "s") for o in others)}) == 4
+    assert study_checkpoint_dir("postgresql+psycopg://u:other@h/db", "s") == folder
+    journal = tmp_path / "j.log"
+    assert study_checkpoint_dir(f"journal:{journal}", "s") == tmp_path / "j.log.checkpoints" / "s"
     monkeypatch.setenv("AUTOML_CHECKPOINT_DIR", str(tmp_path / "shared"))
     assert study_checkpoint_dir(pg, "s") == tmp_path / "shared" / "s"
 
