@@ -3,10 +3,12 @@ between runs, warm starts from another study and configurations enqueued by hand
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -48,19 +50,25 @@ class RunInterrupted(AutomlError):
 class GracefulStop:
     """Signal handling for one run. The first SIGINT/SIGTERM raises StopRequested in the
     main thread (at once while a model trains; at the end of a ``protected()`` block while
-    the storage is being written); a second one exits the process at once."""
+    the storage is being written); a second one exits the process at once, or, inside a
+    ``protected()`` block, as soon as the block ends (a trial's failure and its queued
+    retry are written together); a third one exits at once whatever is being written.
+    A closed terminal's SIGHUP counts as SIGTERM (unless ignored, as under ``nohup``)."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
     def __init__(self) -> None:
         self.signum: int | None = None
         self._protected = 0
+        self._exit_after: int | None = None  # a second signal's exit, held for the block
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> GracefulStop:
         # Signal handlers belong to the main thread; elsewhere (a thread pool) do nothing.
         if threading.current_thread() is threading.main_thread():
             for s in self.SIGNALS:
+                if s == signal.SIGHUP and signal.getsignal(s) == signal.SIG_IGN:
+                    continue  # nohup: a closed terminal is meant not to stop the run
                 self._previous[s] = signal.signal(s, self._handle)
             _ACTIVE.append(self)
         return self
@@ -73,9 +81,19 @@ class GracefulStop:
         self._previous.clear()
 
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            signum = signal.SIGTERM
         if self.signum is not None:
+            if self._protected and self._exit_after is None:
+                self._exit_after = signum
+                os.write(
+                    2,
+                    b"\nsecond interrupt: exiting once this write to the storage ends "
+                    b"(once more to exit at once)\n",
+                )
+                return
             os.write(2, b"\nsecond interrupt: exiting at once\n")
-            os._exit(128 + signum)
+            _exit(128 + signum)
             return  # not reached (but a test may stub os._exit)
         self.signum = signum
         if not self._protected:
@@ -84,12 +102,15 @@ class GracefulStop:
     @contextmanager
     def protected(self, *, raise_pending: bool = True) -> Iterator[None]:
         """Defer the first signal until the block ends (storage writes stay whole); then
-        raise it, or with ``raise_pending=False`` leave it to a later ``check()``."""
+        raise it, or with ``raise_pending=False`` leave it to a later ``check()``. A
+        second signal held by the block exits the process as the block ends."""
         self._protected += 1
         try:
             yield
         finally:
             self._protected -= 1
+            if self._exit_after is not None and not self._protected:
+                _exit(128 + self._exit_after)
         if raise_pending and not self._protected:
             self.check()
 
@@ -97,6 +118,14 @@ class GracefulStop:
         """Raise StopRequested when a signal arrived while protected."""
         if self.signum is not None:
             raise StopRequested(self.signum)
+
+
+def _exit(code: int) -> None:
+    """Leave the process now, with what was printed so far flushed."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 # The GracefulStop whose handlers are installed (a run's), innermost last.

@@ -476,6 +476,49 @@ def test_a_signal_waits_for_a_protected_block_and_a_second_one_exits(
     assert info.value.signum == signal.SIGTERM
 
 
+def test_a_second_signal_inside_a_storage_write_exits_as_the_write_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A quick double Ctrl-C landed between a trial's failure and its queued retry: the
+    retry was lost. The second signal now waits for the block; a third exits at once."""
+    from automl.lifecycle import GracefulStop, StopRequested
+
+    exits: list[int] = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    stop = GracefulStop()
+    steps: list[str] = []
+    with pytest.raises(StopRequested), stop.protected():  # (os._exit stubbed: it goes on)
+        stop.signum = signal.SIGINT  # the first signal, already being handled
+        stop._handle(signal.SIGINT, None)  # the second: held
+        steps.append("failure written")
+        assert exits == []
+        steps.append("retry queued")
+    assert steps == ["failure written", "retry queued"] and exits == [130]
+    again = GracefulStop()
+    with pytest.raises(StopRequested), again.protected():
+        again._handle(signal.SIGTERM, None)
+        again._handle(signal.SIGTERM, None)
+        again._handle(signal.SIGINT, None)  # a third: at once
+        assert exits == [130, 130]
+    assert exits == [130, 130, 143]  # (os._exit stubbed: the held one follows)
+
+
+def test_sighup_stops_a_run_as_sigterm_unless_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    from automl.lifecycle import GracefulStop, StopRequested
+
+    with GracefulStop() as stop:
+        assert signal.getsignal(signal.SIGHUP) == stop._handle
+        with pytest.raises(StopRequested) as info:
+            stop._handle(signal.SIGHUP, None)
+        assert info.value.signum == signal.SIGTERM
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as under nohup
+    try:
+        with GracefulStop():
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
 def test_a_signal_during_a_checkpoint_write_lands_after_the_file(tmp_path: Path) -> None:
     """A stop signal raised inside torch.save came out as torch's RuntimeError, and the
     trial failed for good. Now the file is written whole, then the signal stops the run."""
