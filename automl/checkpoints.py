@@ -18,6 +18,7 @@ Every file holds only tensors, numbers, strings, lists and dicts, so it loads wi
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -59,9 +60,7 @@ def storage_tag(storage_url: str) -> str:
 
     masked = mask_url(storage_url)
     match = re.match(r"(?P<scheme>[^:/]+)://(?:[^@/]*@)?(?P<rest>.*)", masked)
-    readable = (
-        f"{match['scheme'].split('+')[0]}_{match['rest'].split('?')[0]}" if match else masked
-    )
+    readable = f"{match['scheme'].split('+')[0]}_{match['rest'].split('?')[0]}" if match else masked
     safe = _UNSAFE.sub("_", readable).strip("._")[:48] or "storage"
     return f"{safe}-{hashlib.sha256(masked.encode()).hexdigest()[:10]}"
 
@@ -135,6 +134,7 @@ class Checkpointer:
         # A finished state given in memory (a fused pack's member, which has no epoch
         # checkpoints): what keep_weights keeps, without a file written and read back.
         self.final: dict[str, Any] | None = None
+        self.unwritable = False  # a write failed (a full disk): no more tries
 
     @property
     def path(self) -> Path:
@@ -171,13 +171,20 @@ class Checkpointer:
         Returns whether it wrote."""
         now = time.monotonic()
         since = now - self._last_save
-        if not force and self._save_seconds > MAX_OVERHEAD * since:
+        if self.unwritable or (not force and self._save_seconds > MAX_OVERHEAD * since):
             return False
         if self.before_save is not None:
             self.before_save()
         # fsync costs ~5 ms: worth it after a long epoch, not after a 10 ms one (whose
         # loss to a power cut costs less; an unreadable file is skipped on resume).
-        atomic_save(state, self.path, durable=since >= DURABLE_AFTER)
+        try:
+            atomic_save(state, self.path, durable=since >= DURABLE_AFTER)
+        except (OSError, RuntimeError) as exc:  # torch reports a full disk as RuntimeError
+            # The trial trains on without checkpoints rather than fail (every trial
+            # would, with a reason that differs by a byte offset each time).
+            self.unwritable = True
+            _warn_unwritable(self.path, exc, "the trial trains on without checkpoints")
+            return False
         self._last_save = time.monotonic()
         self._save_seconds = self._last_save - now
         self.saved_epochs += 1
@@ -201,12 +208,37 @@ class Checkpointer:
                 return None
         model = state.get("best_model") or state["model"]
         best_epoch = int(state.get("best_epoch", state["epoch"]))
-        atomic_save({"model": model, "epoch": best_epoch + 1, **meta}, self.weights_path)
+        try:
+            atomic_save({"model": model, "epoch": best_epoch + 1, **meta}, self.weights_path)
+        except (OSError, RuntimeError) as exc:
+            _warn_unwritable(self.weights_path, exc, "retrain will train it anew")
+            return None
         return self.weights_path
 
     def remove(self) -> None:
         """Remove this trial's checkpoint and its predecessors' (not kept weights)."""
         _remove(path for _, path in self._candidates())
+
+
+_WARNED: set[Path] = set()  # folders already warned about in this process
+
+
+def _warn_unwritable(path: Path, exc: BaseException, consequence: str) -> None:
+    """One warning a folder: why ``path`` could not be written (a full disk named as such)."""
+    import shutil
+
+    if path.parent in _WARNED:
+        return
+    _WARNED.add(path.parent)
+    try:
+        full = shutil.disk_usage(path.parent).free < 64 * 2**20
+    except OSError:
+        full = False
+    if full or getattr(exc, "errno", None) == errno.ENOSPC:
+        why = "the disk is full"
+    else:
+        why = getattr(exc, "strerror", None) or (str(exc).splitlines() or [""])[0][:200]
+    log.warning("cannot write %s: %s; %s", path, why, consequence)
 
 
 def _remove(paths: Iterable[Path]) -> None:
