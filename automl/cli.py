@@ -204,12 +204,27 @@ def handle_errors(func: F) -> F:
         except Exception as exc:
             if _STATE["debug"]:
                 raise
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            raise _fail(
-                f"{type(exc).__name__}: {first} (run with --debug for the traceback)", 1
-            ) from None
+            raise _fail(_explain(exc), 1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _explain(exc: Exception) -> str:
+    """One line for an error no automl code turned into one: what the storage's own
+    errors mean where they are known, else the type and first line."""
+    if isinstance(exc, KeyError) and exc.args == ("Record does not exist.",):
+        return (
+            "the study or one of its trials is no longer in the storage (deleted by another "
+            "process during this command?); nothing more was written"
+        )
+    code, details = getattr(exc, "code", None), getattr(exc, "details", None)
+    if type(exc).__name__ == "_InactiveRpcError" and callable(code) and callable(details):
+        return (
+            f"the gRPC storage proxy stopped answering ({getattr(code(), 'name', code())}: "
+            f"{details()}); is `automl proxy` still running?"
+        )
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {first} (run with --debug for the traceback)"
 
 
 @app.callback()

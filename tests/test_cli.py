@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -246,3 +247,29 @@ def test_show_with_no_trial_in_the_state_says_so(tiny_space: Path, storage_url: 
     shown = _run("show", "tiny", "--state", "fail", "--storage", storage_url)
     assert shown.exit_code == 0
     assert "study 'tiny': no failed trial (of 1)" in shown.stdout
+
+
+def test_storage_errors_that_reach_the_cli_are_explained() -> None:
+    """A study deleted under a run, a gRPC proxy that went away: one readable line."""
+    from automl.cli import _explain
+
+    gone = _explain(KeyError("Record does not exist."))
+    assert gone.startswith("the study or one of its trials is no longer in the storage")
+
+    class _InactiveRpcError(Exception):  # grpc's, as far as the CLI looks at it
+        def code(self) -> Any:
+            import enum
+
+            return enum.Enum("StatusCode", "UNAVAILABLE").UNAVAILABLE
+
+        def details(self) -> str:
+            return "failed to connect to all addresses"
+
+    line = _explain(_InactiveRpcError("<_InactiveRpcError of RPC that terminated with:\n..."))
+    assert line == (
+        "the gRPC storage proxy stopped answering (UNAVAILABLE: failed to connect to all "
+        "addresses); is `automl proxy` still running?"
+    )
+    assert _explain(ValueError("bad\nmore")) == (
+        "ValueError: bad (run with --debug for the traceback)"
+    )
