@@ -633,6 +633,8 @@ def show(
     trials = sorted_trials(study_obj, state=state)
     if as_json:
         _print_json([trial_doc(t) for t in trials[:limit]])
+        if len(trials) > limit:  # stdout stays one JSON document; the note goes to stderr
+            _stderr().print(f"({len(trials) - limit} more trials not shown; use --limit)")
         return
     out = _stdout()
     if not trials:

@@ -99,6 +99,9 @@ def test_studies_json_and_show_and_export(tiny_space: Path, storage_url: str) ->
     shown = json.loads(_run("show", "tiny", "--storage", storage_url, "--json").stdout)
     assert len(shown) == 3
     assert shown[0]["number"] == study.best_trial.number  # best first
+    cut = _run("show", "tiny", "--storage", storage_url, "--json", "--limit", "2")
+    assert len(json.loads(cut.stdout)) == 2  # stdout stays JSON; stderr says what is left
+    assert "(1 more trials not shown; use --limit)" in cut.stderr
     csv_text = _run("export", "tiny", "--storage", storage_url, "--format", "csv").stdout
     lines = csv_text.strip().splitlines()
     assert len(lines) == 4
