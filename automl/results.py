@@ -136,6 +136,8 @@ def _fmt_duration(trial: FrozenTrial) -> str:
 def trial_note(trial: FrozenTrial) -> str:
     """Why a trial failed or was pruned (empty otherwise), on one line."""
     note = trial.user_attrs.get("fail_reason") or trial.user_attrs.get("prune_reason") or ""
+    if not note and trial.state.name == "FAIL":
+        note = "no heartbeat (killed?)"
     return " ".join(str(note).split())
 
 
@@ -274,12 +276,17 @@ def constant_params(trials: list[FrozenTrial]) -> dict[str, Any]:
     }
 
 
+# A failed trial without a recorded reason was failed by the heartbeat check: its process
+# was killed (kill -9, out of memory) or its machine was lost mid-trial.
+NO_REASON = "no reason recorded: its process stopped (killed, or its machine lost)"
+
+
 def failure_reasons(study: optuna.Study) -> Counter[str]:
     """Failed trials grouped by reason."""
     reasons: Counter[str] = Counter()
     for t in study.get_trials(deepcopy=False):
         if t.state.name == "FAIL":
-            reasons[str(t.user_attrs.get("fail_reason", "unknown (no reason recorded)"))] += 1
+            reasons[str(t.user_attrs.get("fail_reason", NO_REASON))] += 1
     return reasons
 
 

@@ -297,3 +297,18 @@ def test_parameters_left_out_as_constant_are_named_under_the_table(study_url: st
     console = Console(width=80, record=True)
     render_trials_table(console, study, adam, title="adam")
     assert "the same in every row: optimizer adam" in " ".join(console.export_text().split())
+
+
+def test_a_trial_failed_without_a_reason_is_named_as_killed() -> None:
+    """The heartbeat check fails a killed process's trial without a reason: say so."""
+    from automl.results import NO_REASON, failure_reasons, trial_note
+
+    study = optuna.create_study()
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL))
+    failed = optuna.trial.create_trial(
+        state=optuna.trial.TrialState.FAIL, user_attrs={"fail_reason": "interrupted"}
+    )
+    study.add_trial(failed)
+    assert trial_note(study.trials[0]) == "no heartbeat (killed?)"
+    assert trial_note(study.trials[1]) == "interrupted"
+    assert failure_reasons(study) == {NO_REASON: 1, "interrupted": 1}
