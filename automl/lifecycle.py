@@ -312,6 +312,10 @@ def check_space_change(study: optuna.Study, space: Space, *, allow: bool) -> lis
         study.set_user_attr("space_hash", space.hash)
         return []
     conflicts = optuna_conflicts(old, space)
+    named = {c.split(":")[0] for c in conflicts}
+    # The trials themselves too: a parameter fixed for one run in between is missing
+    # from the stored space but not from the trials that sampled it before.
+    conflicts += [c for c in trial_conflicts(study, space) if c.split(":")[0] not in named]
     if conflicts:
         raise UsageError(
             f"study '{name}' cannot take this space: {'; '.join(conflicts)} (Optuna keeps one "
@@ -372,6 +376,37 @@ def optuna_conflicts(old_raw: Any, new: Space) -> list[str]:
         else:
             out.append(f"{name}: {a.describe()} -> {b.describe()}")
     return out
+
+
+def trial_conflicts(study: optuna.Study, new: Space) -> list[str]:
+    """The parameters whose distribution in ``new`` Optuna would refuse next to the one
+    an earlier trial sampled them from (the same rules as ``optuna_conflicts``)."""
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+
+    from automl.spaces import Categorical, Range, distributions
+
+    after = distributions(new)
+    out: dict[str, str] = {}
+    checked: set[tuple[str, str]] = set()
+    for trial in study.get_trials(deepcopy=False):
+        for name, dist in trial.distributions.items():
+            b = after.get(name)
+            key = (name, repr(dist))
+            if name in out or key in checked or not isinstance(b, (Categorical, Range)):
+                continue
+            checked.add(key)
+            if isinstance(dist, CategoricalDistribution):
+                stored = f"choices {list(dist.choices)}"
+                fits = isinstance(b, Categorical) and list(dist.choices) == list(b.choices)
+            else:
+                kind = "int" if isinstance(dist, IntDistribution) else "float"
+                log = bool(getattr(dist, "log", False))
+                low, high = getattr(dist, "low", 0), getattr(dist, "high", 0)
+                stored = f"{kind} {low:g}..{high:g}{', log' if log else ''}"
+                fits = isinstance(b, Range) and b.kind == kind and b.log == log
+            if not fits:
+                out[name] = f"{name}: {stored} in trial #{trial.number} -> {b.describe()}"
+    return [out[name] for name in sorted(out)]
 
 
 # --------------------------------------------------------------------------- configurations

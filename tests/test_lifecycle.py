@@ -843,3 +843,36 @@ def test_a_full_disk_trains_on_without_checkpoints_with_one_warning(
     warned = [x for x in _flat(result.stderr).split("WARNING") if "cannot write" in x]
     assert len(warned) == 1 and "the disk is full" in warned[0], warned
     assert "trains on without checkpoints" in warned[0]
+
+
+def test_a_space_change_is_checked_against_every_trial_not_only_the_last_space(
+    tmp_path: Path, storage_url: str
+) -> None:
+    """A parameter fixed for one run in between hid an incompatible change from the
+    check: the next run crashed at its first tell (exit 1), left a trial RUNNING and
+    stored its space. Now it is refused before any write."""
+    base = "name: chg\ndata: {dataset: iris}\ntrain: {epochs: 1}\nspace:\n  dropout: %s\n"
+    files = {}
+    for key, dropout in (
+        ("ranged", "{low: 0.0, high: 0.5}"),
+        ("fixed", "0.1"),
+        ("log", "{low: 0.01, high: 0.5, log: true}"),
+    ):
+        files[key] = tmp_path / f"{key}.yaml"
+        files[key].write_text(base % dropout)
+    for key in ("ranged", "fixed"):
+        ok = runner.invoke(
+            app, ["run", str(files[key]), "--n-trials", "1", "--storage", storage_url]
+        )
+        assert ok.exit_code == 0, ok.output
+    stored = optuna.load_study(study_name="chg", storage=storage_url).user_attrs["space"]
+    refused = runner.invoke(
+        app, ["run", str(files["log"]), "--n-trials", "1", "--storage", storage_url]
+    )
+    assert refused.exit_code == 2, refused.output
+    assert "cannot take this space: dropout: float 0..0.5 in trial #0 -> float 0.01..0.5, log" in (
+        _flat(refused.stderr)
+    )
+    study = optuna.load_study(study_name="chg", storage=storage_url)
+    assert _states(study) == ["COMPLETE", "COMPLETE"]
+    assert study.user_attrs["space"] == stored
