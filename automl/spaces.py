@@ -561,6 +561,7 @@ def _parse_distribution(value: Any, where: str, rule: Rule, errors: _Errors) -> 
             if why:
                 errors.add(where, _got(why, v))
                 return Fixed(None)
+        value = [_whole(v, rule) for v in value]
         if len(set(map(repr, value))) != len(value):
             errors.add(where, f"choices repeat a value, got {value!r}")
         return Categorical(tuple(value)) if len(value) > 1 else Fixed(value[0])
@@ -572,7 +573,15 @@ def _parse_distribution(value: Any, where: str, rule: Rule, errors: _Errors) -> 
     why = rule.check(value)
     if why:
         errors.add(where, _got(why, value))
-    return Fixed(value)
+    return Fixed(_whole(value, rule))
+
+
+def _whole(value: Any, rule: Rule) -> Any:
+    """An integer name's whole-number float (``batch_size: 32.0``, ``1e2``) as the int
+    it means (torch takes no float sizes); anything else as it is."""
+    if rule.kind == "int" and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def _parse_range(value: Mapping[str, Any], where: str, rule: Rule, errors: _Errors) -> Distribution:

@@ -101,6 +101,21 @@ def test_int_range_needs_both_bounds_integers_unless_type_says() -> None:
     assert distributions(space)["mixup_alpha"].kind == "float"  # type: ignore[union-attr]
 
 
+def test_whole_number_floats_of_integer_names_are_integers() -> None:
+    """``batch_size: 32.0`` passed the check and then failed every trial in torch."""
+    space = parse_space(
+        _with({"batch_size": 32.0, "n_layers": [1, 2.0], "hidden_units": [16, 1e2]})
+    )
+    dists = distributions(space)
+    assert dists["batch_size"] == Fixed(32) and type(dists["batch_size"].value) is int  # type: ignore[union-attr]
+    assert dists["n_layers"] == Categorical((1, 2))
+    assert [type(c) for c in dists["hidden_units"].choices] == [int, int]  # type: ignore[union-attr]
+    with pytest.raises(SpaceError, match=r"choices repeat a value, got \[16, 16\]"):
+        parse_space(_with({"batch_size": [16, 16.0]}))
+    with pytest.raises(SpaceError, match=r"batch_size: must be an integer"):
+        parse_space(_with({"batch_size": 16.5}))
+
+
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
