@@ -959,7 +959,25 @@ def space_check(space_file: Annotated[Path, typer.Argument(metavar="SPACE")]) ->
             err.print(f"[red]error:[/red] {escape(line)}", markup=True, soft_wrap=True)
         raise typer.Exit(2) from None
     from automl.spaces import Fixed
+    from automl.studies import create_pruner, create_sampler, load_for_space
 
+    # What `run` checks before it writes anything: the sampler's and pruner's options,
+    # and the data (its file, target, split, and the loss and objective it allows).
+    problems = []
+    checks = (
+        lambda: create_sampler(space, space.study.seed),
+        lambda: create_pruner(space),
+        lambda: load_for_space(space, space.study.seed),
+    )
+    for check in checks:
+        try:
+            check()
+        except AutomlError as exc:
+            problems.append(str(exc))
+    if problems:
+        for line in problems:
+            _fail(line, 2)
+        raise typer.Exit(2)
     every = distributions(space)
     n = sum(not isinstance(d, Fixed) for d in every.values())
     fixed = f", {len(every) - n} fixed" if len(every) > n else ""

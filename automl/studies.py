@@ -251,13 +251,87 @@ class _IncrementalGroupSpace:
         return copy.deepcopy(inner._search_space)
 
 
+# Options that count something: Optuna divides by some or compares them, so a bad one
+# failed every trial (ZeroDivisionError, TypeError) instead of the space file.
+_OPTION_MINIMUM = {
+    "min_resource": 1,
+    "reduction_factor": 2,
+    "n_startup_trials": 0,
+    "n_warmup_steps": 0,
+    "interval_steps": 1,
+    "n_min_trials": 1,
+    "n_ei_candidates": 1,
+    "population_size": 2,
+    "bootstrap_count": 0,
+    "min_early_stopping_rate": 0,
+}
+
+
+def _check_options(cls: Any, opts: dict[str, Any], what: str, name: str) -> None:
+    """Each option of ``opts`` of the type ``cls``'s signature gives it (int, float or
+    bool, where it names one) and counts within their minimum: before the first trial."""
+    import inspect
+
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return
+    for key, value in opts.items():
+        param = params.get(key)
+        if param is None:
+            continue  # Optuna's own TypeError names an unknown option
+        types = {
+            t.strip()
+            for t in str(param.annotation).replace("<class '", "").replace("'>", "").split("|")
+        }
+        types.discard("None")
+        if value is None and "None" in str(param.annotation):
+            continue
+        if types in ({"int"}, {"int", "str"}):  # ("str | int": max_resource's "auto")
+            ok = (isinstance(value, int) and not isinstance(value, bool)) or (
+                "str" in types and isinstance(value, str)
+            )
+            noun = "a whole number"
+        elif types == {"float"}:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            noun = "a number"
+        elif types == {"bool"}:
+            ok = isinstance(value, bool)
+            noun = "true or false"
+        else:
+            continue
+        if not ok:
+            raise UsageError(f"study.{what}.{key}: must be {noun} for '{name}', got {value!r}")
+        low = _OPTION_MINIMUM.get(key)
+        if low is not None and isinstance(value, int) and value < low:
+            raise UsageError(f"study.{what}.{key}: must be at least {low}, got {value!r}")
+
+
 def create_sampler(space: Space, seed: int | None) -> optuna.samplers.BaseSampler:
+    try:
+        return _create_sampler(space, seed)
+    except UsageError as exc:  # named with its file, as the space file's other errors
+        raise UsageError(f"{space.path}: {exc}" if space.path else str(exc)) from None
+
+
+def _create_sampler(space: Space, seed: int | None) -> optuna.samplers.BaseSampler:
     import optuna
 
     spec = space.study.sampler
     opts = spec.options
     name = spec.name
     seed = worker_seed(seed)
+    classes = {
+        "tpe": optuna.samplers.TPESampler,
+        "random": optuna.samplers.RandomSampler,
+        "cmaes": optuna.samplers.CmaEsSampler,
+        "gp": optuna.samplers.GPSampler,
+        "qmc": optuna.samplers.QMCSampler,
+        "nsga2": optuna.samplers.NSGAIISampler,
+        "grid": optuna.samplers.GridSampler,
+    }
+    if name in classes:
+        _check_options(classes[name], opts, "sampler", name)
     try:
         if name == "tpe":
             opts.setdefault("multivariate", True)
@@ -353,6 +427,13 @@ def _reseed_if_raced(sampler: optuna.samplers.BaseSampler, expected: int, seed: 
 
 
 def create_pruner(space: Space) -> optuna.pruners.BasePruner:
+    try:
+        return _create_pruner(space)
+    except UsageError as exc:  # named with its file, as the space file's other errors
+        raise UsageError(f"{space.path}: {exc}" if space.path else str(exc)) from None
+
+
+def _create_pruner(space: Space) -> optuna.pruners.BasePruner:
     import optuna
 
     spec = space.study.pruner
@@ -360,6 +441,16 @@ def create_pruner(space: Space) -> optuna.pruners.BasePruner:
     name = spec.name
     if space.is_multi_objective or name == "none":
         return optuna.pruners.NopPruner()
+    classes = {
+        "median": optuna.pruners.MedianPruner,
+        "percentile": optuna.pruners.PercentilePruner,
+        "halving": optuna.pruners.SuccessiveHalvingPruner,
+        "hyperband": optuna.pruners.HyperbandPruner,
+        "threshold": optuna.pruners.ThresholdPruner,
+        "wilcoxon": optuna.pruners.WilcoxonPruner,
+    }
+    if name in classes:
+        _check_options(classes[name], opts, "pruner", name)
     try:
         if name == "median":
             opts.setdefault("n_startup_trials", 5)

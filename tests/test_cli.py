@@ -163,6 +163,55 @@ def test_space_check_and_show(tiny_space: Path, tmp_path: Path) -> None:
     assert "pruner: none (several objectives)" in _run("space", "show", str(several)).stdout
 
 
+def test_space_check_and_run_refuse_what_would_fail_every_trial(
+    tmp_path: Path, storage_url: str
+) -> None:
+    """Sampler and pruner options of the wrong type or below their minimum failed every
+    trial (TypeError, ZeroDivisionError; exit 1, the study written); `space check` said
+    valid to those and to data `run` refuses. Both now refuse them, naming the file."""
+    rows = "".join(f"{i},{i % 2}\n" for i in range(20))
+    (tmp_path / "d.csv").write_text("a,label\n" + rows)
+    cases = [
+        (
+            "sampler: {name: tpe, n_startup_trials: abc}",
+            "study.sampler.n_startup_trials: must be a whole number for 'tpe', got 'abc'",
+        ),
+        (
+            "sampler: {name: tpe, multivariate: maybe}",
+            "study.sampler.multivariate: must be true or false",
+        ),
+        (
+            "pruner: {name: hyperband, min_resource: 0}",
+            "study.pruner.min_resource: must be at least 1, got 0",
+        ),
+        (
+            "pruner: {name: percentile, percentile: 150}",
+            "study.pruner: bad option for 'percentile'",
+        ),
+    ]
+    for study, message in cases:
+        space = tmp_path / "s.yaml"
+        space.write_text(f"data: {{dataset: iris}}\nstudy: {{{study}}}\nspace: {{dropout: 0.1}}\n")
+        for args in (["space", "check", str(space)], ["run", str(space), "--storage", storage_url]):
+            result = _run(*args)
+            assert result.exit_code == 2, (args, result.output)
+            assert f"s.yaml: {message}" in " ".join(result.stderr.split()), result.stderr
+    assert not Path(storage_url.removeprefix("sqlite:///")).exists()  # nothing written
+    data = tmp_path / "data.yaml"
+    data.write_text(
+        f"data: {{path: {tmp_path / 'd.csv'}, target: Label}}\nspace: {{dropout: 0.1}}\n"
+    )
+    result = _run("space", "check", str(data))
+    assert result.exit_code == 2
+    assert "target column 'Label' is not in the file; did you mean 'label'?" in result.stderr
+    fine = tmp_path / "fine.yaml"
+    fine.write_text(
+        "data: {dataset: iris}\nstudy: {pruner: {name: hyperband, max_resource: auto}}\n"
+        "space: {dropout: 0.1}\n"
+    )
+    assert _run("space", "check", str(fine)).exit_code == 0
+
+
 def test_space_new_writes_a_valid_starter(tmp_path: Path) -> None:
     target = tmp_path / "new.yaml"
     assert _run("space", "new", str(target)).exit_code == 0

@@ -223,8 +223,16 @@ def test_an_unknown_sampler_or_pruner_option_is_a_load_error(
     ("study", "message"),
     [
         ({"sampler": {"name": "qmc", "qmc_type": "bogus"}}, "bad option for 'qmc'"),
-        ({"sampler": {"name": "nsga2", "population_size": 1}}, "bad option for 'nsga2'"),
-        ({"pruner": {"name": "median", "n_warmup_steps": -1}}, "bad option for 'median'"),
+        (
+            {"sampler": {"name": "nsga2", "population_size": 1}},
+            "population_size: must be at least 2",
+        ),
+        (
+            {"pruner": {"name": "median", "n_warmup_steps": -1}},
+            "n_warmup_steps: must be at least 0",
+        ),
+        ({"sampler": {"name": "tpe", "n_startup_trials": 1.5}}, "must be a whole number for 'tpe'"),
+        ({"pruner": {"name": "halving", "min_resource": 0}}, "min_resource: must be at least 1"),
     ],
 )
 def test_a_bad_option_value_is_a_usage_error(study: dict[str, Any], message: str) -> None:
