@@ -1025,12 +1025,15 @@ def _all_distributions(
 
 class _SpaceLoader(yaml.SafeLoader):
     """YAML's safe loader, with two rules a space file's author expects: a key given
-    twice in one mapping is an error (YAML keeps the last one silently), and 1e-5 is a
-    number (YAML 1.1 reads exponents without a dot, 1e-5 but not 1.0e-5, as text)."""
+    twice in one mapping is an error (YAML keeps the last one silently; a key merged in
+    with ``<<: *anchor`` may be overridden), and 1e-5 is a number (YAML 1.1 reads
+    exponents without a dot, 1e-5 but not 1.0e-5, as text)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults`: merged below; its keys may be overridden here
             key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
             if isinstance(key, str | int | float | bool) and key in seen:
                 raise yaml.constructor.ConstructorError(

@@ -389,3 +389,24 @@ def test_every_example_space_is_valid() -> None:
     for path in files:
         space = load_space(path)
         assert distributions(space), path
+
+
+def test_yaml_merge_keys_work_and_a_repeated_own_key_is_still_an_error(tmp_path: Path) -> None:
+    text = """\
+data: {dataset: iris}
+space:
+  optimizer:
+    adam: &base
+      lr: {low: 1.0e-4, high: 1.0e-2, log: true}
+      weight_decay: 0.0
+    adamw:
+      <<: *base
+      weight_decay: {low: 1.0e-4, high: 1.0e-1, log: true}
+"""
+    (tmp_path / "m.yaml").write_text(text)
+    dists = distributions(load_space(tmp_path / "m.yaml"))
+    assert dists["adamw_lr"] == dists["adam_lr"] == Range(1e-4, 1e-2, "float", log=True)
+    assert dists["adamw_weight_decay"] == Range(1e-4, 1e-1, "float", log=True)  # overridden
+    (tmp_path / "twice.yaml").write_text(text + "      weight_decay: 0.1\n")
+    with pytest.raises(SpaceError, match="'weight_decay' is given twice in one mapping"):
+        load_space(tmp_path / "twice.yaml")
