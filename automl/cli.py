@@ -281,6 +281,10 @@ def _space_from_args(
         name, eq, spec = item.partition("=")
         if not eq or not name.strip():
             raise UsageError(f"--param {item!r}: use NAME=SPEC, e.g. --param dropout=0..0.5")
+        if name.strip() in flags["space"]:  # as a key given twice in a space file
+            raise UsageError(
+                f"--param {name.strip()}: given twice (or with its own flag); keep one"
+            )
         flags["space"][name.strip()] = spaces.parse_spec(spec, where=f"--param {name.strip()}")
     has_flags = any(v for k, v in flags.items() if k in ("data", "space")) or any(
         flags.get(k) is not None for k in ("model", "objective", "epochs")
@@ -1034,6 +1038,11 @@ def space_new(
 
     if file.exists() and not force:
         raise UsageError(f"{file} already exists; add --force to overwrite it")
+    if file.is_file():
+        with file.open("rb") as fh:
+            head = fh.read(16)
+        if head.startswith((b"SQLite format 3", b'{"op_code"')):  # SQLite, an Optuna journal
+            raise UsageError(f"{file} is a study storage, not a space file; write to another file")
     _write_text(file, STARTER_SPACE)
     _stdout().print(f"wrote {file}; try: automl space check {file} && automl run {file}")
 

@@ -682,6 +682,8 @@ def _parse_choice(
         if not all(isinstance(v, str) for v in value):
             errors.add(where, f"expected {what} names, got {value!r}")
             return Choice({})
+        if len(set(value)) != len(value):
+            errors.add(where, f"choices repeat a value, got {value!r}")
         value = {v: {} for v in value}
     elif not isinstance(value, Mapping):
         errors.add(where, f"expected a {what} name, a list, or a mapping, got {value!r}")
@@ -1288,7 +1290,10 @@ def parse_spec(spec: str, *, where: str = "flag") -> Any:
     if mods:
         raise SpaceError(f"{where}: modifiers like ':{mods[0]}' only apply to ranges a..b")
     if "," in head:
-        return [_scalar(t) for t in head.split(",") if t.strip()]
+        items = head.split(",")
+        if not all(t.strip() for t in items):
+            raise SpaceError(f"{where}: an empty item in the list {spec!r}; remove the extra comma")
+        return [_scalar(t) for t in items]
     return _scalar(head)
 
 
@@ -1313,11 +1318,12 @@ def merge_flags(raw: dict[str, Any] | None, flags: dict[str, Any]) -> dict[str, 
     for key in ("model", "objective", "name"):
         if flags.get(key) is not None:
             out[key] = flags[key]
+    space = dict(out.get("space") or {})
     if flags.get("epochs") is not None:
         train = dict(out.get("train") or {})
         train["epochs"] = flags["epochs"]
         out["train"] = train
-    space = dict(out.get("space") or {})
+        space.pop("epochs", None)  # the flag fixes what the file searched
     for key, value in (flags.get("space") or {}).items():
         if key in ("optimizer", "loss"):
             names = value if isinstance(value, list) else [value]
@@ -1344,5 +1350,11 @@ def merge_flags(raw: dict[str, Any] | None, flags: dict[str, Any]) -> dict[str, 
             space[kind] = current
         else:
             space[key] = value
+            own = space.get("optimizer")
+            if key in OPTIMIZER_RULES and isinstance(own, dict):
+                # --lr over a file whose optimizers set their own: the flag is for all.
+                space["optimizer"] = {
+                    n: {p: v for p, v in dict(o or {}).items() if p != key} for n, o in own.items()
+                }
     out["space"] = space
     return out

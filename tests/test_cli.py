@@ -325,3 +325,23 @@ def test_storage_errors_that_reach_the_cli_are_explained() -> None:
     assert _explain(ValueError("bad\nmore")) == (
         "ValueError: bad (run with --debug for the traceback)"
     )
+
+
+def test_a_param_given_twice_on_the_command_line_is_refused(storage_url: str) -> None:
+    for args in (
+        ["--param", "dropout=0.1", "--param", "dropout=0.2"],
+        ["--lr", "0.01", "--param", "lr=0.1"],
+    ):
+        result = _run("run", "--dataset", "iris", *args, "--storage", storage_url)
+        assert result.exit_code == 2
+        assert "given twice (or with its own flag); keep one" in result.stderr
+    assert not Path(storage_url.removeprefix("sqlite:///")).exists()
+
+
+def test_space_new_never_writes_over_a_study_storage(tmp_path: Path, storage_url: str) -> None:
+    db = tmp_path / "j.db"
+    optuna.create_study(storage=f"sqlite:///{db}", study_name="s")
+    before = db.read_bytes()
+    result = _run("space", "new", str(db), "--force")
+    assert result.exit_code == 2 and "is a study storage, not a space file" in result.stderr
+    assert db.read_bytes() == before

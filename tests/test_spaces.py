@@ -325,6 +325,7 @@ def test_flag_grammar(spec: str, expected: Any) -> None:
         ("1..2:cubic", "unknown modifier"),
         ("1,2:log", "only apply to ranges"),
         ("", "empty value"),
+        ("16,,32", "an empty item in the list '16,,32'"),
     ],
 )
 def test_flag_grammar_errors(spec: str, message: str) -> None:
@@ -372,6 +373,20 @@ def test_flags_override_a_file_and_keep_its_optimizer_parameters() -> None:
     assert space.train.epochs == 3
 
 
+def test_flags_for_all_optimizers_and_epochs_override_what_the_file_searched() -> None:
+    """--lr over a file whose optimizers set their own lr was refused (blaming the
+    file); --epochs was ignored where the file searched epochs."""
+    raw = yaml.safe_load(DESIGN_EXAMPLE)
+    raw["space"]["epochs"] = [5, 10]
+    merged = merge_flags(raw, {"space": {"lr": parse_spec("0.01")}, "epochs": 3})
+    space = parse_space(merged)
+    dists = distributions(space)
+    assert dists["lr"] == Fixed(0.01)
+    assert not any(name.endswith("_lr") for name in dists)
+    assert space.optimizer.options["sgd"]["momentum"] == Range(0.0, 0.99, "float")  # kept
+    assert space.train.epochs == 3 and "epochs" not in dists
+
+
 def test_study_name_precedence(tmp_path: Path) -> None:
     path = tmp_path / "my-space.yaml"
     path.write_text("data: {dataset: iris}\n")
@@ -410,3 +425,10 @@ space:
     (tmp_path / "twice.yaml").write_text(text + "      weight_decay: 0.1\n")
     with pytest.raises(SpaceError, match="'weight_decay' is given twice in one mapping"):
         load_space(tmp_path / "twice.yaml")
+
+
+def test_a_repeated_optimizer_or_loss_is_an_error() -> None:
+    with pytest.raises(
+        SpaceError, match=r"space\.optimizer: choices repeat a value, got \[.sgd., .sgd.\]"
+    ):
+        parse_space(_with({"optimizer": ["sgd", "sgd"]}))
