@@ -232,7 +232,7 @@ STRAY_MIN_NUMBERS = 20
 STRAY_MIN_DISTINCT = 10
 
 
-def _numbers_with_strays(frame: pd.DataFrame, path: str | Path) -> None:
+def _numbers_with_strays(frame: pd.DataFrame, path: str | Path, target: str | None) -> None:
     """Read as numbers, in place, the text columns that are numbers but for a few stray
     tokens, which become missing values, with a warning naming them. One '-' in a column
     of measurements made it text: a one-hot 'category' per distinct number."""
@@ -250,10 +250,12 @@ def _numbers_with_strays(frame: pd.DataFrame, path: str | Path) -> None:
         strays = series[present & numbers.isna()]
         if (
             strays.empty
+            or numbers.nunique() < STRAY_MIN_DISTINCT
             or n_numbers < STRAY_MIN_NUMBERS
             or len(strays) > STRAY_SHARE * int(present.sum())
-            or numbers.nunique() < STRAY_MIN_DISTINCT
         ):
+            if col != target:  # (a target's text is its own matter: classes, or refused)
+                _text_that_looks_numeric(series[present], strays, col, path)
             continue
         shown = ", ".join(repr(str(v)) for v in list(dict.fromkeys(strays.tolist()))[:5])
         log.warning(
@@ -265,6 +267,40 @@ def _numbers_with_strays(frame: pd.DataFrame, path: str | Path) -> None:
             shown,
         )
         frame[col] = numbers
+
+
+def _text_that_looks_numeric(
+    present: pd.Series, strays: pd.Series, col: Any, path: str | Path
+) -> None:
+    """Warn of a text column that is mostly numbers, or numbers written with thousands
+    separators: it is one-hot encoded as categories, which the user may not mean."""
+    import pandas as pd
+
+    if len(present) < STRAY_MIN_NUMBERS:
+        return
+    grouped = pd.to_numeric(
+        present.astype(str).str.replace(r"(?<=\d)[,'  ](?=\d{3}(?:\D|$))", "", regex=True),
+        errors="coerce",
+    )
+    if grouped.notna().mean() >= 0.9 and len(strays) > 0.5 * len(present):
+        example = str(present[grouped.notna() & strays.reindex(present.index).notna()].iloc[0])
+        log.warning(
+            "column '%s' of %s holds numbers written with thousands separators (%r): "
+            "they are read as text categories; write them without separators",
+            col,
+            path,
+            example,
+        )
+    elif len(strays) and len(present) - len(strays) >= 0.5 * len(present):
+        shown = ", ".join(repr(str(v)) for v in list(dict.fromkeys(strays.tolist()))[:5])
+        log.warning(
+            "column '%s' of %s is mostly numbers, but %d value(s) (%s) are text, so it is "
+            "read as categories; if they mean missing, leave those cells empty",
+            col,
+            path,
+            len(strays),
+            shown,
+        )
 
 
 def _is_number_column(series: pd.Series) -> bool:
@@ -585,12 +621,16 @@ def read_table(
             f"{p}: cannot read the data file: it is not UTF-8 text ({exc.reason} at byte "
             f"{exc.start}); save it as UTF-8"
         ) from None
-    except (OSError, ValueError, KeyError) as exc:
+    except Exception as exc:  # (pyarrow and friends raise their own types too)
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"{p}: cannot read the data file: {first}{_parse_hint(first)}") from None
-    except Exception as exc:  # pyarrow and friends raise their own types
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"{p}: cannot read the data file: {first}") from None
+        twice = re.match(r"Multiple matches for FieldRef\.Name\((.*?)\)", first)
+        if twice:  # pyarrow's words for a Parquet file naming a column twice
+            raise DataError(
+                f"{p}: the file names column '{twice.group(1)}' more than once; give every "
+                "column its own name"
+            ) from None
+        hint = _parse_hint(first) if isinstance(exc, (OSError, ValueError, KeyError)) else ""
+        raise DataError(f"{p}: cannot read the data file: {first}{hint}") from None
     kind = "".join(p.suffixes[-2:]) if compressed else suffix
     raise DataError(
         f"{p}: unsupported file type '{kind}'; use .csv (or .csv.gz, .csv.bz2, .csv.xz), "
@@ -870,7 +910,7 @@ def load_frame(spec: DataSpec) -> tuple[str, pd.DataFrame, pd.Series, list[int] 
             }
         )
     assert spec.path is not None
-    _numbers_with_strays(frame, spec.path)
+    _numbers_with_strays(frame, spec.path, target=spec.target or "y")
     target_col = spec.target or ("y" if image_shape is not None or "y" in frame.columns else None)
     if target_col is None:
         raise DataError(

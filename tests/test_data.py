@@ -599,3 +599,37 @@ def test_target_and_drop_names_match_a_csv_header_written_with_spaces(tmp_path: 
     path = _csv(tmp_path, frame)
     data = load_dataset(DataSpec(path=path, target=" label ", drop=(" id ",)))
     assert data.preprocessor.target == "label" and "id" not in data.preprocessor.numeric
+
+
+def test_text_columns_that_look_numeric_get_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rng = np.random.default_rng(0)
+    rows = [
+        (
+            f'"{rng.integers(1000, 99999):,}.5"',
+            "-" if i % 6 == 0 else f"{rng.random():.3f}",
+            "ab"[i % 2],
+        )
+        for i in range(40)
+    ]
+    (tmp_path / "t.csv").write_text(
+        "amount,dash,label\n" + "".join(f"{a},{d},{y}\n" for a, d, y in rows)
+    )
+    with caplog.at_level("WARNING"):
+        data = load_dataset(DataSpec(path=str(tmp_path / "t.csv"), target="label"))
+    assert data.preprocessor.categorical == ["amount", "dash"]  # as before: categories
+    assert "column 'amount' of" in caplog.text and "thousands separators" in caplog.text
+    assert (
+        "column 'dash' of" in caplog.text and "mostly numbers, but 7 value(s) ('-')" in caplog.text
+    )
+
+
+def test_a_parquet_file_naming_a_column_twice_is_refused_in_plain_words(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table([pa.array([1.0, 2.0]), pa.array([3.0, 4.0])], names=["a", "a"])
+    pq.write_table(table, tmp_path / "d.parquet")
+    with pytest.raises(DataError, match=r"d.parquet: the file names column 'a' more than once"):
+        read_table(tmp_path / "d.parquet")
