@@ -297,7 +297,15 @@ def test_sigint_with_helpers_leaves_no_trial_running_and_no_helper(tmp_path: Pat
         assert time.monotonic() < deadline, "no helper started"
         time.sleep(0.1)
         helpers = _helpers_of(proc.pid)
-    time.sleep(3.0)  # the first pack trains, in both processes
+    while True:  # the first pack is asked (a loaded machine may take a while)
+        assert time.monotonic() < deadline, "no trial started"
+        try:
+            if optuna.load_study(study_name="digits", storage=url).trials:
+                break
+        except KeyError:  # no study yet
+            pass
+        time.sleep(0.1)
+    time.sleep(1.5)  # the first pack trains, in both processes
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
