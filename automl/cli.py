@@ -87,13 +87,15 @@ F = TypeVar("F", bound=Callable[..., Any])
 def _stderr() -> Console:
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False)
+    # No markup or emoji codes unless a call asks: study names, paths and failure
+    # reasons are printed as typed ('exp [/v2]' is not a closing tag, ':x:' no emoji).
+    return Console(stderr=True, highlight=False, markup=False, emoji=False)
 
 
 def _stdout() -> Console:
     from rich.console import Console
 
-    return Console(highlight=False)
+    return Console(highlight=False, markup=False, emoji=False)
 
 
 class _PlainHandler(logging.Handler):
@@ -601,19 +603,36 @@ def studies(storage: StorageOpt = None, as_json: JsonOpt = False) -> None:
         out.print(f"no studies in {mask_url(resolve_storage_url(storage))}")
         return
     table = Table(title=f"studies in {mask_url(resolve_storage_url(storage))}")
-    for col in ("name", "direction", "trials", "complete", "best value", "created"):
+    # The name is what the other commands take: never cut; the date gives way first.
+    longest = max(len(r.name) for r in rows)
+    width = {
+        "name": max(4, min(longest, out.width - 50)),
+        "direction": 9,
+        "trials": 6,
+        "complete": 8,
+        "best value": 10,
+        "created": 16,
+    }
+    if sum(width.values()) + 3 * len(width) + 1 > out.width:
+        del width["created"]  # a narrow terminal: the date goes first
+    for col, least in width.items():
         table.add_column(
-            col, justify="right" if col in ("trials", "complete", "best value") else "left"
+            col,
+            justify="right" if col in ("trials", "complete", "best value") else "left",
+            no_wrap=col != "name",
+            overflow="fold" if col == "name" else "ellipsis",  # a name is never cut
+            min_width=least,
         )
     for r in rows:
-        table.add_row(
+        cells = [
             r.name,
             ", ".join(r.directions),
             str(r.n_trials),
             str(r.n_complete),
             format_value(r.best_value),
-            r.created or "",
-        )
+            (r.created or "").replace("T", " ")[:16],
+        ]
+        table.add_row(*cells[: len(width)])
     out.print(table)
 
 
@@ -887,6 +906,8 @@ def dashboard_cmd(
     ] = 8080,
 ) -> None:
     """Serve optuna-dashboard on the storage until Ctrl-C."""
+    from rich.markup import escape
+
     from automl.dashboard import is_local, serve_dashboard
     from automl.storage import mask_url, resolve_storage_url
 
@@ -894,7 +915,7 @@ def dashboard_cmd(
     err = _stderr()
     if not is_local(host):
         err.print(
-            f"[yellow]warning:[/yellow] listening on {host}: the dashboard has no "
+            f"[yellow]warning:[/yellow] listening on {escape(host)}: the dashboard has no "
             "authentication, anyone who can reach this port can read and change the studies",
             markup=True,
             soft_wrap=True,

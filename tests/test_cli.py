@@ -345,3 +345,23 @@ def test_space_new_never_writes_over_a_study_storage(tmp_path: Path, storage_url
     result = _run("space", "new", str(db), "--force")
     assert result.exit_code == 2 and "is a study storage, not a space file" in result.stderr
     assert db.read_bytes() == before
+
+
+def test_names_and_paths_print_as_typed_and_studies_never_cuts_a_name(
+    tiny_space: Path, storage_url: str, tmp_path: Path
+) -> None:
+    """Rich read '[/v2]' in a study name as a closing tag (exit 1 after a successful run,
+    and `studies` failed for the whole storage) and '[bold]' as a style."""
+    name = "exp [/v2] [bold] :smile: long"
+    ran = _run("run", str(tiny_space), "--study", name, "--n-trials", "1", "--storage", storage_url)
+    assert ran.exit_code == 0, ran.output
+    listed = runner.invoke(app, ["studies", "--storage", storage_url], env={"COLUMNS": "80"})
+    assert listed.exit_code == 0, listed.output
+    assert name in listed.stdout  # whole, on one line, at 80 columns
+    shown = _run("show", name, "--storage", storage_url)
+    assert shown.exit_code == 0 and f"trials of '{name}'" in shown.stdout
+    out = tmp_path / "run[v2].pt"
+    saved = _run("retrain", name, "--storage", storage_url, "-o", str(out))
+    assert saved.exit_code == 0 and f"saved {out}" in " ".join(saved.stdout.split())
+    gone = _run("delete", name, "--yes", "--storage", storage_url)
+    assert gone.exit_code == 0 and f"deleted study '{name}'" in gone.stdout
