@@ -1179,6 +1179,7 @@ def train_packed(
             if patience and member.waited >= patience:
                 ended.add(index)
         if keep_state and improved:  # the improved members' weights, in one copy
+            improved.sort()  # rows (the hooks ran in the caller's order): row i is saved[i]
             everyone = len(improved) == len(alive)
             saved = (
                 model.flat.clone()

@@ -613,3 +613,36 @@ def test_run_pack_with_a_grid_runs_every_point_once(tmp_path: Path) -> None:
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 8
     points = {json.dumps(t.params, sort_keys=True) for t in trials}
     assert len(points) == 8
+
+
+def test_each_members_kept_state_is_its_own_with_mixed_optimizers(diabetes: DeviceData) -> None:
+    """Members are regrouped by optimizer for training; where every live member improved
+    in an epoch, the states were handed out in the caller's order, not the rows': a
+    trial kept another's weights (and retrain --reuse saved the wrong model)."""
+    from automl.training import compute_metrics
+
+    configs = [
+        TrialConfig(
+            optimizer=opt,
+            optimizer_params={"lr": lr},
+            loss="mse",
+            batch_size=32,
+            epochs=5,
+            hidden_units=16,
+            n_layers=1,
+            seed=i,
+        )
+        for i, (opt, lr) in enumerate(
+            [("adam", 0.003), ("sgd", 0.03), ("adam", 0.008), ("sgd", 0.012)]
+        )
+    ]
+    results = train_packed(configs, diabetes, objective="val_r2", patience=0)
+    x = diabetes.X_val.reshape(len(diabetes.X_val), -1)
+    for config, result in zip(configs, results, strict=True):
+        assert not isinstance(result, Exception)
+        model = build_model(config, diabetes.input_shape, diabetes.n_outputs)
+        model.load_state_dict(result.best_state)
+        model.eval()
+        with torch.no_grad():
+            again = compute_metrics(model(x), diabetes.y_val, "regression", 1, diabetes.y_std)
+        assert again["val_r2"] == pytest.approx(result.metrics["val_r2"], abs=1e-5)
