@@ -1742,14 +1742,28 @@ def _original(trial: optuna.Trial) -> int:
 
 def _room(run: Any) -> int:
     """How many more trials this call may start."""
+    import os
+
+    from optuna.trial import TrialState
+
     from automl.studies import n_finished
+    from automl.workers import WORKERS_ENV
 
     opts = run.options
     room = []
     if opts.n_trials is not None:
         room.append(opts.n_trials - run.summary.n_run)
     if opts.until is not None:
-        room.append(opts.until - n_finished(run.study, fresh=True))
+        # Trials other workers are training count too: each worker sizing its pack from
+        # the finished ones alone overshot --until by up to a pack each. (At least one:
+        # a worker still moves, and the overshoot stays under the number of workers.)
+        finished = n_finished(run.study, fresh=True)
+        running = len(run.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        # Workers started together ask their packs at the same moment: each takes its
+        # share of what is left.
+        workers = os.environ.get(WORKERS_ENV, "1")
+        share = int(workers) if workers.isdigit() and int(workers) > 0 else 1
+        room.append(-(-(opts.until - finished - running) // share))
     elif run.target is not None:
         room.append(run.target - run.summary.n_run)
     return max(1, min(room)) if room else max(1, int(opts.pack))

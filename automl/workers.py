@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Set in each child: its index (0..N-1), used to give every worker its own sampler seed.
+WORKERS_ENV = "AUTOML_WORKERS"  # how many workers this machine's run started
 WORKER_INDEX_ENV = "AUTOML_WORKER_INDEX"
 POLL_SECONDS = 1.0
 # `run` options the parent handles itself (the budget is split, the URL travels in the
@@ -96,6 +97,7 @@ def worker_env(
     machine = env.get(WORKER_INDEX_ENV, "0")
     offset = int(machine) * n_workers if machine.isdigit() else 0
     env[WORKER_INDEX_ENV] = str(offset + index)
+    env[WORKERS_ENV] = str(n_workers)  # (a pack's share of --until: packing._room)
     return env
 
 

@@ -646,3 +646,32 @@ def test_each_members_kept_state_is_its_own_with_mixed_optimizers(diabetes: Devi
         with torch.no_grad():
             again = compute_metrics(model(x), diabetes.y_val, "regression", 1, diabetes.y_std)
         assert again["val_r2"] == pytest.approx(result.metrics["val_r2"], abs=1e-5)
+
+
+def test_a_packs_share_of_until_counts_other_workers_running_trials(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each worker sized its pack from the finished trials alone: --until 20 --pack 8
+    --workers 2 ended with 25-28 trials."""
+    from types import SimpleNamespace
+
+    from automl.packing import _room
+
+    study = optuna.create_study()
+    for _ in range(10):
+        study.add_trial(optuna.trial.create_trial(value=1.0))
+    for _ in range(4):
+        study.ask()  # another worker's trials, still training
+    run = SimpleNamespace(
+        options=SimpleNamespace(n_trials=None, until=20, pack=8),
+        summary=SimpleNamespace(n_run=0),
+        target=20,
+        study=study,
+    )
+    monkeypatch.delenv("AUTOML_WORKERS", raising=False)
+    assert _room(run) == 6  # 20 - 10 finished - 4 running
+    monkeypatch.setenv("AUTOML_WORKERS", "2")
+    assert _room(run) == 3  # this worker's half
+    for _ in range(6):
+        study.ask()
+    assert _room(run) == 1  # nothing left to share: one, so that a worker still moves
