@@ -208,10 +208,13 @@ def original_number(trial: optuna.Trial) -> int:
     return history[0] if history else trial.number
 
 
-def retry_later(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> int:
+def retry_later(study: optuna.Study, trial: optuna.trial.FrozenTrial, *, epochs: int) -> int:
     """Enqueue a WAITING copy of an interrupted trial, the way Optuna's heartbeat retry
-    does (same parameters and intermediate values, ``failed_trial``/``retry_history``),
-    so the next run resumes it from its checkpoint. Returns the copy's number."""
+    does (same parameters, ``failed_trial``/``retry_history``), so the next run resumes
+    it from its checkpoint after ``epochs`` epochs. It keeps the intermediate values of
+    those epochs only: the ones after them are trained and reported again (a fused
+    pack's member keeps no checkpoint and starts over; its old reports were judged by
+    the pruner as if already reached). Returns the copy's number."""
     import optuna
 
     history = [*trial.system_attrs.get("retry_history", []), trial.number]
@@ -231,7 +234,7 @@ def retry_later(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> int:
         distributions=trial.distributions,
         user_attrs=user_attrs,
         system_attrs=system_attrs,
-        intermediate_values=trial.intermediate_values,
+        intermediate_values={s: v for s, v in trial.intermediate_values.items() if s < epochs},
     )
     storage = study._storage
     trial_id = storage.create_new_trial(study._study_id, template_trial=template)

@@ -104,8 +104,11 @@ class Objective:
             if self.on_epoch is not None:
                 self.on_epoch(trial.number, epoch, epochs, metrics)
             if single and metric in metrics:
-                if epoch not in inherited:  # Optuna keeps the first value and warns
-                    trial.report(metrics[metric], epoch)
+                if epoch in inherited:
+                    # Reported (and judged, not pruned) before the trial was retried; the
+                    # pruner would read the latest inherited step, not this epoch's.
+                    return
+                trial.report(metrics[metric], epoch)
                 if trial.should_prune():
                     # What it reached, as a finished trial records it (show, export).
                     attrs = trial_attrs(config, metrics, device=self.device)

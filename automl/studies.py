@@ -702,7 +702,8 @@ class _Run:
     target: int | None
     started: float = field(default_factory=time.monotonic)
     consecutive_failures: int = 0
-    interrupted: str = ""  # what happened to the trial a signal stopped
+    interrupted: str = ""  # what happened to the trial(s) a signal stopped
+    retried: list[tuple[int, int, int]] = field(default_factory=list)  # (trial, copy, epochs)
     pack_pool: Any = None  # pack_pool.Pool: helper processes that train --pack pieces
 
     def stop_reason(self) -> str | None:
@@ -971,6 +972,24 @@ def _run_trial(run: _Run, trial: optuna.Trial) -> FrozenTrial:
     return frozen
 
 
+def _interrupted_text(retried: list[tuple[int, int, int]]) -> str:
+    """What a signal did to the trials it stopped: each recorded as failed and queued."""
+    if len(retried) == 1:
+        ((number, copy, epochs),) = retried
+        kept = f"its checkpoint after epoch {epochs} kept" if epochs else "no checkpoint kept"
+        return (
+            f"trial {number} recorded as failed (interrupted), {kept}; the next run "
+            f"retries it as trial {copy}"
+        )
+    numbers = ", ".join(str(n) for n, _, _ in retried)
+    copies = ", ".join(str(c) for _, c, _ in retried)
+    n_kept = sum(1 for _, _, e in retried if e)
+    return (
+        f"trials {numbers} recorded as failed (interrupted), {n_kept} with a checkpoint; the "
+        f"next run retries them as trials {copies}"
+    )
+
+
 def _tell(
     run: _Run,
     trial: optuna.Trial,
@@ -1004,12 +1023,9 @@ def _tell(
     if interrupted:
         run.summary.n_failed += 1
         epochs = checkpoint.last_epoch or checkpoint.resumed_from_epoch or 0
-        number = retry_later(study, frozen)
-        kept = f"its checkpoint after epoch {epochs} kept" if epochs else "no epoch finished"
-        run.interrupted = (
-            f"trial {frozen.number} recorded as failed (interrupted), {kept}; "
-            f"the next run retries it as trial {number}"
-        )
+        number = retry_later(study, frozen, epochs=epochs)
+        run.retried.append((frozen.number, number, epochs))
+        run.interrupted = _interrupted_text(run.retried)
     else:
         checkpoint.remove()
     if previous_best:

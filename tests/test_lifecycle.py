@@ -394,8 +394,13 @@ def test_a_pack_of_only_retries_trains_them_on_several_processes(
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err.decode()
+    assert (  # the whole pack, not its last member alone
+        "trials 0, 1 recorded as failed (interrupted), 0 with a checkpoint; the next run "
+        "retries them as trials 2, 3"
+    ) in _flat(err.decode())
     study = optuna.load_study(study_name="slow", storage=storage_url)
     assert _states(study) == ["FAIL", "FAIL", "WAITING", "WAITING"]
+    assert all(not t.intermediate_values for t in study.trials[2:])  # they start over
 
     result = runner.invoke(app, args, env={"AUTOML_PACK_PROCESSES": "2"})
     assert result.exit_code == 0, result.output
@@ -807,7 +812,7 @@ def test_a_retry_does_not_report_again_the_epochs_it_inherited(storage_url: str)
     first = study.ask()
     first.report(0.5, 0)
     first.report(0.6, 1)  # reported after the checkpoint the retry resumes from (epoch 0)
-    retry_later(study, study.tell(first, state=TrialState.FAIL))
+    retry_later(study, study.tell(first, state=TrialState.FAIL), epochs=2)
     retry = study.ask()  # claims the queued copy, which inherits both values
     hook = Objective(space, None, None, device="cpu").epoch_hook(retry, TrialConfig(epochs=3))  # type: ignore[arg-type]
     with warnings.catch_warnings():
@@ -876,3 +881,60 @@ def test_a_space_change_is_checked_against_every_trial_not_only_the_last_space(
     study = optuna.load_study(study_name="chg", storage=storage_url)
     assert _states(study) == ["COMPLETE", "COMPLETE"]
     assert study.user_attrs["space"] == stored
+
+
+def test_a_retry_keeps_only_the_reports_its_checkpoint_covers_and_is_not_judged_on_them(
+    storage_url: str,
+) -> None:
+    """A fused pack's member keeps no checkpoint: its retry starts over, yet inherited
+    every report, and the pruner judged its first epoch by the last inherited step (it
+    was 'pruned at epoch 1' with the value of step 2)."""
+    from automl.lifecycle import retry_later
+    from automl.objective import Objective
+
+    space = spaces.parse_space(
+        {"data": {"dataset": "iris", "validation": 0.3}, "objective": "val_accuracy"}
+    )
+    study = optuna.create_study(
+        study_name="r",
+        storage=storage_url,
+        direction="maximize",
+        pruner=optuna.pruners.ThresholdPruner(lower=0.65),  # prunes anything under 0.65
+    )
+    first = study.ask()
+    for step, value in enumerate([0.7, 0.8, 0.9]):
+        first.report(value, step)
+    retry_later(study, study.tell(first, state=TrialState.FAIL), epochs=1)
+    assert study.trials[1].intermediate_values == {0: 0.7}  # what its checkpoint covers
+    gone = study.ask()  # the copy, stopped again before its first checkpoint
+    assert gone.number == 1
+    retry_later(study, study.tell(gone, state=TrialState.FAIL), epochs=0)
+    assert study.trials[2].intermediate_values == {}  # no checkpoint: starts over, clean
+
+    # A copy made by Optuna's heartbeat retry inherits every report: the epochs it
+    # already holds are not judged again, the next one is.
+    study = optuna.create_study(
+        study_name="h",
+        storage=storage_url,
+        direction="maximize",
+        pruner=optuna.pruners.ThresholdPruner(lower=0.65),
+    )
+    killed = study.ask()
+    for step, value in enumerate([0.7, 0.1]):
+        killed.report(value, step)
+    heir = optuna.trial.create_trial(
+        state=TrialState.WAITING,
+        params={},
+        distributions={},
+        intermediate_values={0: 0.7, 1: 0.1},
+        system_attrs={"failed_trial": 0, "retry_history": [0]},
+    )
+    study.tell(killed, state=TrialState.FAIL)
+    study.add_trial(heir)
+    retry = study.ask()
+    assert retry.number == 1
+    hook = Objective(space, None, None, device="cpu").epoch_hook(retry, TrialConfig(epochs=3))  # type: ignore[arg-type]
+    hook(0, {"val_accuracy": 0.7})
+    hook(1, {"val_accuracy": 0.1})  # inherited: not judged again (0.1 would be pruned)
+    with pytest.raises(optuna.TrialPruned, match=r"pruned at epoch 3 with val_accuracy=0\.5"):
+        hook(2, {"val_accuracy": 0.5})
