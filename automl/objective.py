@@ -133,8 +133,10 @@ class Objective:
 
 
 def _inherited_steps(trial: optuna.Trial) -> set[int]:
-    """The epochs a retried trial already holds values for: the ones its predecessor
-    reported after the checkpoint it resumes from, which it trains (identically) again."""
+    """The epochs a retried trial already holds values for. A copy queued after a signal
+    holds those its checkpoint covers (lifecycle.retry_later); one made by Optuna's
+    heartbeat retry (a killed process) holds every value its predecessor reported, also
+    after the checkpoint it resumes from, which it trains (identically) again."""
     from automl.lifecycle import retry_history
 
     if not hasattr(trial, "storage") or not retry_history(trial):
