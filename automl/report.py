@@ -231,7 +231,7 @@ def _plots(study: optuna.Study) -> list[tuple[str, PlotFn | None, str]]:
                     )
                 )
         target, name = (_nth(0), names[0]) if multi else (None, names[0])
-        params = _varied_params(complete)
+        params = _ranked_params(study, complete)
         if not params:
             out.append(("Parallel coordinates", None, "no parameter varies across the trials"))
             out.append(("Slice", None, "no parameter varies across the trials"))
@@ -239,7 +239,12 @@ def _plots(study: optuna.Study) -> list[tuple[str, PlotFn | None, str]]:
             out.append(
                 (
                     "Parallel coordinates",
-                    _bind(vis.plot_parallel_coordinate, study, target=target, target_name=name),
+                    # Several objectives: coloured by Pareto rank (the front darkest).
+                    # Optuna reverses the scale for any custom target, which drew the
+                    # best trials of a maximised one near-white.
+                    _bind(vis.plot_parallel_coordinate, study)
+                    if multi
+                    else _bind(vis.plot_parallel_coordinate, study, target_name=name),
                     "",
                 )
             )
@@ -253,7 +258,10 @@ def _plots(study: optuna.Study) -> list[tuple[str, PlotFn | None, str]]:
                         target=target,
                         target_name=name,
                     ),
-                    "",
+                    ""
+                    if len(params) <= MAX_SLICE_PARAMS
+                    else f"Not shown here (the least important): "
+                    f"{', '.join(params[MAX_SLICE_PARAMS:])}.",
                 )
             )
     from optuna.trial import TrialState
@@ -261,7 +269,7 @@ def _plots(study: optuna.Study) -> list[tuple[str, PlotFn | None, str]]:
     # (Optuna draws the curves of complete, pruned and running trials, never failed ones.)
     drawn = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
     if any(t.intermediate_values for t in study.get_trials(deepcopy=False, states=drawn)):
-        out.append(("Learning curves", _bind(vis.plot_intermediate_values, study), ""))
+        out.append(("Learning curves", _bind(_learning_curves, study), ""))
     else:
         why = (
             "multi-objective trials report no per-epoch values"
@@ -279,6 +287,19 @@ def _plots(study: optuna.Study) -> list[tuple[str, PlotFn | None, str]]:
     if study.get_trials(deepcopy=False):
         out.append(("Timeline", _bind(vis.plot_timeline, study), ""))
     return out
+
+
+def _learning_curves(study: optuna.Study) -> go.Figure:
+    """Optuna's intermediate-value plot, with epochs counted from 1 as everywhere else
+    (the trials table, 'pruned at epoch 2', best_epoch) instead of 0-based steps."""
+    import optuna.visualization as vis
+
+    fig = vis.plot_intermediate_values(study)
+    for trace in fig.data:
+        if trace.x is not None:
+            trace.x = [x + 1 for x in trace.x]
+    fig.update_xaxes(title_text="Epoch")
+    return fig
 
 
 def _nth(i: int) -> Callable[[FrozenTrial], float]:
@@ -305,6 +326,28 @@ def _minimised(i: int, direction: Any) -> Callable[[FrozenTrial], float]:
 
 def _bind(fn: Callable[..., go.Figure], *args: Any, **kwargs: Any) -> PlotFn:
     return lambda: fn(*args, **kwargs)
+
+
+def _ranked_params(study: optuna.Study, trials: list[FrozenTrial]) -> list[str]:
+    """The varied parameters, most important first (for the first objective) where
+    importances can be computed, else most common first: the slice plot keeps the first
+    MAX_SLICE_PARAMS (by frequency alone it left out a conditional learning rate that
+    mattered most)."""
+    params = _varied_params(trials)
+    if len(params) <= MAX_SLICE_PARAMS or len(trials) < 2:
+        return params
+    import warnings
+
+    from optuna.importance import get_param_importances
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            target = _minimised(0, study.directions[0]) if len(study.directions) > 1 else None
+            ranked = list(get_param_importances(study, target=target))
+    except Exception:  # (importances need enough trials of every parameter)
+        return params
+    return [p for p in ranked if p in params] + [p for p in params if p not in ranked]
 
 
 def _varied_params(trials: list[FrozenTrial]) -> list[str]:
@@ -363,7 +406,7 @@ def build_report(
             sections.append(Section(title, _note(f"Not shown: {first}")))
             summary.skipped.append(f"{title}: {first}")
             continue
-        sections.append(Section(title, body, plot=True))
+        sections.append(Section(title, body + (_note(why) if why else ""), plot=True))
         summary.n_plots += 1
     sections.append(failures_section(study))
     summary.sections = [s.title for s in sections]

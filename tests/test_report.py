@@ -211,3 +211,39 @@ def test_importances_of_several_objectives_rank_each_in_its_own_direction() -> N
     trial = optuna.trial.create_trial(values=[0.9, 1500.0], params={}, distributions={})
     assert _minimised(0, StudyDirection.MAXIMIZE)(trial) == -0.9
     assert _minimised(1, StudyDirection.MINIMIZE)(trial) == 1500.0
+
+
+def test_plots_colour_a_pareto_study_by_rank_rank_the_slice_and_count_epochs_from_one() -> None:
+    """Several objectives: parallel coordinates by Pareto rank (a custom target drew the
+    best near-white); the slice keeps the most important parameters and names the rest;
+    learning curves start at epoch 1, as the tables and 'pruned at epoch N' do."""
+    import warnings
+
+    from automl.report import MAX_SLICE_PARAMS, _plots
+
+    warnings.simplefilter("ignore")
+    pareto = optuna.create_study(directions=["maximize", "minimize"])
+    pareto.optimize(lambda t: (t.suggest_float("x", 0, 1), t.suggest_float("y", 0, 1)), n_trials=8)
+    plots = {title: (make, why) for title, make, why in _plots(pareto)}
+    fig = plots["Parallel coordinates"][0]()  # type: ignore[misc]
+    assert fig.data[-1].marker.colorbar.title.text == "Pareto Rank"
+
+    names = [f"p{i}" for i in range(MAX_SLICE_PARAMS + 2)]
+    single = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+
+    def objective(t: optuna.Trial) -> float:
+        values = {n: t.suggest_float(n, 0, 1) for n in names}
+        for step in range(3):
+            t.report(values["p9"] + step, step)
+        return 10 * values["p9"] + 0.01 * values["p0"]  # the last one matters most
+
+    single.optimize(objective, n_trials=30)
+    plots = {title: (make, why) for title, make, why in _plots(single)}
+    make, why = plots["Slice"]
+    fig = make()  # type: ignore[misc]
+    shown = [ax.title.text for ax in fig.select_xaxes()]
+    assert len(shown) == MAX_SLICE_PARAMS and "p9" in shown
+    assert why.startswith("Not shown here (the least important): ") and "p9" not in why
+    curves = plots["Learning curves"][0]()  # type: ignore[misc]
+    assert min(min(trace.x) for trace in curves.data if trace.x) == 1
+    assert curves.layout.xaxis.title.text == "Epoch"
