@@ -116,6 +116,8 @@ def format_value(value: Any) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, float):
+        if value.is_integer() and abs(value) < 1e12:  # a count (n_params 32791, not 3.279e+04)
+            return str(int(value))
         return f"{value:.4g}"
     return str(value)
 

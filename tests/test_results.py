@@ -312,3 +312,13 @@ def test_a_trial_failed_without_a_reason_is_named_as_killed() -> None:
     assert trial_note(study.trials[0]) == "no heartbeat (killed?)"
     assert trial_note(study.trials[1]) == "interrupted"
     assert failure_reasons(study) == {NO_REASON: 1, "interrupted": 1}
+
+
+def test_format_value_writes_counts_in_full() -> None:
+    from automl.results import format_value
+
+    assert format_value(32791.0) == "32791"  # n_params as an objective was 3.279e+04
+    assert format_value(1.0) == "1"
+    assert format_value(0.98765) == "0.9877"
+    assert format_value(1.5e-7) == "1.5e-07"
+    assert format_value([0.5, 120.0]) == "0.5, 120"
