@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -838,7 +839,7 @@ def retrain_cmd(
     size = result.path.stat().st_size
     out.print(
         f"saved {result.path} ({size / 1024:.1f} KiB, {result.n_params} parameters); "
-        f"next: automl predict {result.path} DATA_FILE",
+        f"next: automl predict {shlex.quote(str(result.path))} DATA_FILE",
         soft_wrap=True,
     )
 

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import math
+import shlex
 from collections import Counter
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -452,5 +453,5 @@ def no_complete_trial(study: optuna.Study) -> str:
     states = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
     return (
         f"study '{name}' has no complete trial: its {sum(counts.values())} trial(s) are "
-        f"{states}; see why with automl show {name}"
+        f"{states}; see why with automl show {shlex.quote(name)}"
     )

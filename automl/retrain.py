@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import re
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -82,8 +83,8 @@ def pick_trial(study: optuna.Study, number: int | None = None) -> FrozenTrial:
     trial = trials[number]
     if trial.state != TrialState.COMPLETE:
         raise UsageError(
-            f"trial #{number} {_STATE_WORDS[trial.state.name]}, not complete; "
-            "retrain a complete trial (see automl show --state complete)"
+            f"trial #{number} {_STATE_WORDS[trial.state.name]}, not complete; retrain a "
+            f"complete trial (see automl show {shlex.quote(study.study_name)} --state complete)"
         )
     return trial
 
@@ -449,7 +450,9 @@ def load_model_file(path: str | Path) -> LoadedModel:
     if p.is_dir():
         raise UsageError(f"{p}: is a folder, not a model file; give the file retrain wrote")
     if not p.is_file():
-        raise UsageError(f"{p}: no such model file; make one with automl retrain STUDY -o {p}")
+        raise UsageError(
+            f"{p}: no such model file; make one with automl retrain STUDY -o {shlex.quote(str(p))}"
+        )
     try:
         doc = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -459,9 +462,12 @@ def load_model_file(path: str | Path) -> LoadedModel:
         raise UsageError(
             f"{p}: not an automl model file{what}; make one with automl retrain"
         ) from None
-    except Exception as exc:  # torch's zip/pickle readers fail in many ways on junk
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UsageError(f"{p}: not an automl model file ({first[:200]})") from None
+    except Exception:  # torch's zip/pickle readers fail in many ways on junk
+        # (their words, 'pop from empty list', say nothing to the user)
+        raise UsageError(
+            f"{p}: not an automl model file (it is not a file torch saved); give the file "
+            "automl retrain wrote"
+        ) from None
     if not isinstance(doc, dict) or doc.get("format") != MODEL_FORMAT:
         raise UsageError(f"{p}: not an automl model file; make one with automl retrain")
     if int(doc.get("version", 0)) > MODEL_VERSION:

@@ -308,7 +308,8 @@ def test_predict_missing_column_is_bad_input(model_file: Path, tmp_path: Path) -
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        (b"not a model", "not an automl model file"),
+        (b"not a model", "not an automl model file (it is not a file torch saved); give"),
+        (b"a,b\n1,2\n", "not an automl model file (it is not a file torch saved); give"),
         (None, "no such model file"),
     ],
 )
