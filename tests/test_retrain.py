@@ -308,8 +308,9 @@ def test_predict_missing_column_is_bad_input(model_file: Path, tmp_path: Path) -
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        (b"not a model", "not an automl model file (it is not a file torch saved); give"),
-        (b"a,b\n1,2\n", "not an automl model file (it is not a file torch saved); give"),
+        (b"not a model", "not an automl model file"),
+        (b"a,b\n1,2\n", "not an automl model file"),
+        (b"PK\x03\x04 not really a zip", "not an automl model file (it is not a file torch saved)"),
         (None, "no such model file"),
     ],
 )
@@ -321,6 +322,7 @@ def test_predict_with_a_bad_model_file(content: bytes | None, message: str, tmp_
     result = runner.invoke(app, ["predict", str(path), str(tmp_path / "in.csv")])
     assert result.exit_code == 2
     assert message in result.stderr
+    assert "pop from" not in result.stderr and result.stderr.count("\n") == 1
 
 
 def test_predict_refuses_a_pickle_that_would_run_code(tmp_path: Path) -> None:
