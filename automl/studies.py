@@ -267,6 +267,28 @@ _OPTION_MINIMUM = {
 }
 
 
+def optuna_classes() -> dict[str, Any]:
+    """The Optuna class behind each sampler and pruner name of a space file (no name is
+    both)."""
+    import optuna
+
+    return {
+        "tpe": optuna.samplers.TPESampler,
+        "random": optuna.samplers.RandomSampler,
+        "cmaes": optuna.samplers.CmaEsSampler,
+        "gp": optuna.samplers.GPSampler,
+        "qmc": optuna.samplers.QMCSampler,
+        "nsga2": optuna.samplers.NSGAIISampler,
+        "grid": optuna.samplers.GridSampler,
+        "median": optuna.pruners.MedianPruner,
+        "percentile": optuna.pruners.PercentilePruner,
+        "halving": optuna.pruners.SuccessiveHalvingPruner,
+        "hyperband": optuna.pruners.HyperbandPruner,
+        "threshold": optuna.pruners.ThresholdPruner,
+        "wilcoxon": optuna.pruners.WilcoxonPruner,
+    }
+
+
 def _check_options(cls: Any, opts: dict[str, Any], what: str, name: str) -> None:
     """Each option of ``opts`` of the type ``cls``'s signature gives it (int, float or
     bool, where it names one) and counts within their minimum: before the first trial."""
@@ -321,15 +343,7 @@ def _create_sampler(space: Space, seed: int | None) -> optuna.samplers.BaseSampl
     opts = spec.options
     name = spec.name
     seed = worker_seed(seed)
-    classes = {
-        "tpe": optuna.samplers.TPESampler,
-        "random": optuna.samplers.RandomSampler,
-        "cmaes": optuna.samplers.CmaEsSampler,
-        "gp": optuna.samplers.GPSampler,
-        "qmc": optuna.samplers.QMCSampler,
-        "nsga2": optuna.samplers.NSGAIISampler,
-        "grid": optuna.samplers.GridSampler,
-    }
+    classes = optuna_classes()
     if name in classes:
         _check_options(classes[name], opts, "sampler", name)
     try:
@@ -441,14 +455,7 @@ def _create_pruner(space: Space) -> optuna.pruners.BasePruner:
     name = spec.name
     if space.is_multi_objective or name == "none":
         return optuna.pruners.NopPruner()
-    classes = {
-        "median": optuna.pruners.MedianPruner,
-        "percentile": optuna.pruners.PercentilePruner,
-        "halving": optuna.pruners.SuccessiveHalvingPruner,
-        "hyperband": optuna.pruners.HyperbandPruner,
-        "threshold": optuna.pruners.ThresholdPruner,
-        "wilcoxon": optuna.pruners.WilcoxonPruner,
-    }
+    classes = optuna_classes()
     if name in classes:
         _check_options(classes[name], opts, "pruner", name)
     try:

@@ -248,23 +248,10 @@ def test_the_option_tables_are_optunas_keyword_arguments() -> None:
     import inspect
 
     from automl.spaces import PRUNER_OPTIONS, PRUNERS, SAMPLER_OPTIONS, SAMPLERS
+    from automl.studies import optuna_classes
 
-    classes = {
-        "tpe": optuna.samplers.TPESampler,
-        "random": optuna.samplers.RandomSampler,
-        "cmaes": optuna.samplers.CmaEsSampler,
-        "gp": optuna.samplers.GPSampler,
-        "qmc": optuna.samplers.QMCSampler,
-        "nsga2": optuna.samplers.NSGAIISampler,
-        "grid": optuna.samplers.GridSampler,
-        "median": optuna.pruners.MedianPruner,
-        "percentile": optuna.pruners.PercentilePruner,
-        "halving": optuna.pruners.SuccessiveHalvingPruner,
-        "hyperband": optuna.pruners.HyperbandPruner,
-        "threshold": optuna.pruners.ThresholdPruner,
-        "wilcoxon": optuna.pruners.WilcoxonPruner,
-        "none": optuna.pruners.NopPruner,
-    }
+    classes = {**optuna_classes(), "none": optuna.pruners.NopPruner}
+    assert set(classes) == set(SAMPLERS) | set(PRUNERS)
     assert set(SAMPLER_OPTIONS) == set(SAMPLERS) and set(PRUNER_OPTIONS) == set(PRUNERS)
     for name, options in {**SAMPLER_OPTIONS, **PRUNER_OPTIONS}.items():
         accepted = set(inspect.signature(classes[name]).parameters)
