@@ -1420,10 +1420,19 @@ class _EpochMasks:
         target.mul_(1 / (1 - p))
 
 
+# The most hidden values (members x rows x width) a fused group evaluates in one pass.
+EVAL_ACTIVATIONS = 2**26
+
+
 @torch.no_grad()
 def _validate(model: FusedMLP, data: DeviceData) -> torch.Tensor:
+    """Every member's (K, C, B) validation outputs; a large validation set a block of
+    rows at a time (each block holds K members' activations: it shrinks as K grows)."""
     x = data.X_val.reshape(data.X_val.shape[0], -1)
-    return model.forward(x)
+    rows = max(256, EVAL_ACTIVATIONS // (model.flat.shape[0] * model.width))
+    if len(x) <= rows:  # (every small validation set: one pass, the same numbers)
+        return model.forward(x)
+    return torch.cat([model.forward(x[i : i + rows]) for i in range(0, len(x), rows)], dim=2)
 
 
 def _epoch_metrics(

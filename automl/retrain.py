@@ -310,7 +310,7 @@ def score_test(
     """The held-out test split's metrics (``test_accuracy``, ...); empty without one."""
     import torch
 
-    from automl.training import compute_metrics
+    from automl.training import compute_metrics, forward_in_chunks
 
     if len(dataset.X_test) == 0:
         return {}
@@ -318,7 +318,7 @@ def score_test(
     y = torch.from_numpy(dataset.y_test).to(device)
     model.eval()
     with torch.no_grad():
-        out = model(x)
+        out = forward_in_chunks(model, x)
     metrics = compute_metrics(out, y, dataset.task, dataset.n_outputs, dataset.preprocessor.y_std)
     return {"test_" + k.removeprefix("val_"): round(float(v), 6) for k, v in metrics.items()}
 
@@ -576,8 +576,10 @@ def predict_frame(
         raise UsageError("--proba needs a classification model; this one does regression")
     X = pre.transform(frame, warn=source)
     x = torch.from_numpy(X).reshape((len(X), *loaded.input_shape))
+    from automl.training import forward_in_chunks
+
     with torch.no_grad():
-        out = loaded.model(x)
+        out = forward_in_chunks(loaded.model, x)
     if loaded.task == "classification":
         probs = _probabilities(out, loaded.config.loss)
         labels = pre.decode_target(probs.argmax(axis=1))

@@ -675,3 +675,30 @@ def test_a_packs_share_of_until_counts_other_workers_running_trials(
     for _ in range(6):
         study.ask()
     assert _room(run) == 1  # nothing left to share: one, so that a worker still moves
+
+
+def test_a_large_validation_set_is_evaluated_in_blocks_with_the_same_outputs(
+    digits: DeviceData, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One pass over a whole validation set held every member's activations at once
+    (gigabytes for a large set); blocks of rows give the same outputs."""
+    from automl import packing, training
+    from automl.packing import FusedMLP, _validate
+
+    configs = [TrialConfig(hidden_units=w, n_layers=2, seed=i) for i, w in enumerate((16, 40))]
+    model = FusedMLP(configs, digits.input_shape, digits.n_outputs, torch.device("cpu"))
+    whole = _validate(model, digits)
+    monkeypatch.setattr(packing, "EVAL_ACTIVATIONS", 2 * model.width * 300)  # 300 rows a block
+    blocks = _validate(model, digits)
+    assert blocks.shape == whole.shape == (2, 10, len(digits.X_val))
+    assert torch.allclose(blocks, whole, atol=1e-5)
+
+    net = build_model(configs[1], digits.input_shape, digits.n_outputs).eval()
+    x = digits.X_val
+    with torch.no_grad():
+        one = training.forward_in_chunks(net, x)
+        monkeypatch.setattr(training, "EVAL_VALUES", 64 * 256)  # 256 rows a block
+        calls = []
+        counted = lambda rows: calls.append(len(rows)) or net(rows)  # noqa: E731
+        chunked = training.forward_in_chunks(counted, x)
+    assert calls == [256, len(x) - 256] and torch.allclose(chunked, one, atol=1e-5)
