@@ -53,6 +53,7 @@ class Preprocessor:
     y_std: float = 1.0
     image_shape: list[int] | None = None  # C, H, W when the input is an image
     header: bool = True  # whether the CSV files' first row names the columns (data.header)
+    dates: list[str] = field(default_factory=list)  # numeric columns read as dates (days)
 
     @property
     def n_features(self) -> int:
@@ -68,16 +69,20 @@ class Preprocessor:
         scikit-learn's SimpleImputer, StandardScaler and OneHotEncoder ones, computed the
         same way (a test compares them) without importing scikit-learn (about 1 s)."""
 
-        self.numeric, self.categorical = [], []
+        self.numeric, self.categorical, self.dates = [], [], []
         for col in frame.columns:
             series = frame[col]
             if _is_number_column(series):
                 self.numeric.append(str(col))
+            elif _is_date_column(series):
+                self.numeric.append(str(col))
+                self.dates.append(str(col))
+                log.info("column '%s' holds dates: a number of days since 1970-01-01", col)
             else:
                 self.categorical.append(str(col))
         self.medians, self.means, self.scales = [], [], []
         if self.numeric:
-            self.fit_values(self.numeric, _numeric_block(frame, self.numeric))
+            self.fit_values(self.numeric, _numeric_block(frame, self.numeric, self.dates))
         self.modes, self.categories = [], []
         if self.categorical:
             for col in self.categorical:
@@ -144,7 +149,7 @@ class Preprocessor:
         medians = self.scale_values(np.full((1, k), np.nan))
         for first in range(0, n if k else 0, TRANSFORM_ROWS):
             rows = frame.iloc[first : first + TRANSFORM_ROWS]
-            values = _numeric_block(rows, self.numeric)
+            values = _numeric_block(rows, self.numeric, self.dates)
             lost += (rows[self.numeric].notna().to_numpy() & np.isnan(values)).sum(axis=0)
             with np.errstate(over="ignore"):  # an overflow is caught just below
                 scaled = self.scale_values(values)
@@ -437,16 +442,57 @@ def _approximate_mode(
     return floored.astype(int)
 
 
-def _numeric_block(frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
-    """Numeric columns as float64 with NaN for anything missing, non-numeric or infinite."""
+def _numeric_block(
+    frame: pd.DataFrame, columns: list[str], dates: Sequence[str] = ()
+) -> np.ndarray:
+    """Numeric columns as float64 with NaN for anything missing, non-numeric or infinite;
+    the ``dates`` among them as days since 1970-01-01."""
     import pandas as pd
 
     block = np.empty((len(frame), len(columns)), dtype=np.float64)
     for j, col in enumerate(columns):
+        if col in dates:
+            block[:, j] = _date_days(frame[col])
+            continue
         numbers = pd.to_numeric(frame[col], errors="coerce")
         block[:, j] = numbers.to_numpy(dtype=np.float64, na_value=np.nan)
     block[~np.isfinite(block)] = np.nan
     return block
+
+
+# ISO 8601 dates, with an optional time and zone: what a text column must hold (in 95% of
+# a sample of its values) to be read as dates. Other spellings (03/04/2024: March or
+# April?) stay text.
+_ISO_DATE = re.compile(
+    r"^\d{4}-\d{2}-\d{2}(?:[ T]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?)?(?:Z|[+-]\d{2}:?\d{2})?$"
+)
+
+
+def _is_date_column(series: pd.Series) -> bool:
+    """A datetime column, or text that is ISO dates (a one-hot category per day could
+    not be used on later dates, and past 1000 days the column was refused)."""
+    import pandas as pd
+
+    if pd.api.types.is_datetime64_any_dtype(series):
+        return True
+    if not (pd.api.types.is_object_dtype(series) or pd.api.types.is_string_dtype(series)):
+        return False
+    sample = series.dropna().astype(str).str.strip().head(1000)
+    if len(sample) < 5 or sample.str.match(_ISO_DATE).mean() < 0.95:
+        return False
+    return bool(_date_days(sample).size and np.isfinite(_date_days(sample)).mean() >= 0.95)
+
+
+def _date_days(series: pd.Series) -> np.ndarray:
+    """Days since 1970-01-01 (UTC; a date without a zone taken as UTC), NaN where the
+    value is missing or not a date."""
+    import pandas as pd
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (pandas on mixed formats)
+        stamps = pd.to_datetime(series, errors="coerce", utc=True, format="ISO8601")
+    days = (stamps - pd.Timestamp(0, tz="UTC")).dt.total_seconds() / 86400.0
+    return days.to_numpy(dtype=np.float64, na_value=np.nan)
 
 
 def _text_series(series: pd.Series) -> pd.Series:

@@ -633,3 +633,28 @@ def test_a_parquet_file_naming_a_column_twice_is_refused_in_plain_words(tmp_path
     pq.write_table(table, tmp_path / "d.parquet")
     with pytest.raises(DataError, match=r"d.parquet: the file names column 'a' more than once"):
         read_table(tmp_path / "d.parquet")
+
+
+def test_dates_are_days_not_categories(tmp_path: Path) -> None:
+    """A date column was one-hot text: no use on later dates, refused past 1000 days."""
+    rng = np.random.default_rng(0)
+    n = 1500
+    days = pd.Timestamp("2024-01-01") + pd.to_timedelta(rng.permutation(n), unit="D")
+    frame = pd.DataFrame({"when": days.strftime("%Y-%m-%d"), "x": rng.normal(size=n)})
+    frame["y"] = (days.year > 2025).astype(int)
+    frame.loc[3, "when"] = None
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    parquet = frame.assign(when=pd.to_datetime(frame["when"]))
+    parquet.to_parquet(tmp_path / "d.parquet")
+    for name in ("d.csv", "d.parquet"):
+        data = load_dataset(DataSpec(path=str(tmp_path / name), target="y"))
+        pre = data.preprocessor
+        assert pre.dates == ["when"] and pre.numeric == ["when", "x"] and not pre.categorical
+        assert not np.isnan(data.X_train).any()  # the missing date took the median
+    # Later dates are numbers beyond the training range, not unknown categories.
+    restored = Preprocessor.from_state(pre.to_state())
+    later = pd.DataFrame({"when": ["2031-06-01", "2024-01-01"], "x": [0.0, 0.0]})
+    out = restored.transform(later)
+    assert out[0, 0] > out[1, 0] and out[0, 0] > data.X_train[:, 0].max()
+    # Text that is not ISO dates stays text.
+    assert not Preprocessor().fit(pd.DataFrame({"d": ["03/04/2024"] * 10})).dates
