@@ -477,26 +477,25 @@ def run(
         )
         summary, exit_code = result.summary, result.exit_code
     else:
-        from automl.progress import make_observer
+        from automl.progress import TeeObserver, make_observer
 
         observer = make_observer(quiet=as_json, log_file=log_file)
-        with observer:
-            summary = run_study(space, options, observer)
-    from automl.results import best_summary
+        catcher = _SummaryCatcher()
+        try:
+            with observer:
+                summary = run_study(space, options, TeeObserver(observer, catcher))
+        except AutomlError as exc:
+            if as_json and catcher.summary is not None:
+                # A run that fails (every trial failed, a signal) still writes its one
+                # JSON document: cron and scripts read the counts and the reason.
+                catcher.summary.stop_reason = str(exc)
+                _print_json(_run_doc(name, url, catcher.summary))
+            raise
     from automl.studies import load_study
 
     study_obj = load_study(name, url)
     if as_json:
-        doc = {
-            "study": name,
-            "storage": mask_url(url),
-            "n_complete": summary.n_complete,
-            "n_pruned": summary.n_pruned,
-            "n_failed": summary.n_failed,
-            "stop_reason": summary.stop_reason,
-            "seconds": round(summary.seconds, 3),
-            "best": best_summary(study_obj),
-        }
+        doc = _run_doc(name, url, summary, study_obj)
         if workers > 1:
             doc["workers"] = [
                 {"index": w.index, "exit_code": w.exit_code}
@@ -550,6 +549,44 @@ def proxy(
 
 
 _WORKER_KEYS = ("n_complete", "n_pruned", "n_failed", "stop_reason", "seconds")
+
+
+class _SummaryCatcher:
+    """An observer that keeps the run's summary (also of a run that raises)."""
+
+    summary: Any = None
+
+    def __enter__(self) -> _SummaryCatcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def run_finished(self, summary: Any) -> None:
+        self.summary = summary
+
+
+def _run_doc(name: str, url: str, summary: Any, study: Any = None) -> dict[str, Any]:
+    """``run --json``'s document."""
+    from automl.results import best_summary
+    from automl.storage import mask_url
+    from automl.studies import load_study
+
+    if study is None:
+        try:
+            study = load_study(name, url)
+        except Exception:  # the storage itself failed: the counts still go out
+            study = None
+    return {
+        "study": name,
+        "storage": mask_url(url),
+        "n_complete": summary.n_complete,
+        "n_pruned": summary.n_pruned,
+        "n_failed": summary.n_failed,
+        "stop_reason": summary.stop_reason,
+        "seconds": round(summary.seconds, 3),
+        "best": best_summary(study) if study is not None else None,
+    }
 
 
 # --------------------------------------------------------------------------- reading

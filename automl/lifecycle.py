@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,12 +48,18 @@ class RunInterrupted(AutomlError):
         self.exit_code = 128 + signum
 
 
+# A SIGTERM this soon after the first is the same stop sent twice, not a second request.
+DUPLICATE_SIGTERM_SECONDS = 2.0
+
+
 class GracefulStop:
     """Signal handling for one run. The first SIGINT/SIGTERM raises StopRequested in the
     main thread (at once while a model trains; at the end of a ``protected()`` block while
     the storage is being written); a second one exits the process at once, or, inside a
     ``protected()`` block, as soon as the block ends (a trial's failure and its queued
     retry are written together); a third one exits at once whatever is being written.
+    A SIGTERM within DUPLICATE_SIGTERM_SECONDS of the first is the same stop (systemd
+    signals every process of a service; a --workers parent passes its own on).
     A closed terminal's SIGHUP counts as SIGTERM (unless ignored, as under ``nohup``)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -61,6 +68,7 @@ class GracefulStop:
         self.signum: int | None = None
         self._protected = 0
         self._exit_after: int | None = None  # a second signal's exit, held for the block
+        self._first_at = 0.0
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> GracefulStop:
@@ -83,6 +91,13 @@ class GracefulStop:
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
             signum = signal.SIGTERM
+        if (
+            signum == signal.SIGTERM == self.signum
+            and time.monotonic() - self._first_at < DUPLICATE_SIGTERM_SECONDS
+        ):
+            # The same stop twice (systemd signals every process of the service, and a
+            # --workers parent passes its own on): not a request to exit at once.
+            return
         if self.signum is not None:
             if self._protected and self._exit_after is None:
                 self._exit_after = signum
@@ -96,6 +111,7 @@ class GracefulStop:
             _exit(128 + signum)
             return  # not reached (but a test may stub os._exit)
         self.signum = signum
+        self._first_at = time.monotonic()
         if not self._protected:
             raise StopRequested(signum)
 
@@ -574,6 +590,11 @@ def warm_start_from(study: optuna.Study, space: Space, spec: str, storage_url: s
     from automl.studies import load_study
 
     name, k = parse_warm_start(spec)
+    if name == study.study_name:  # it would queue copies of its own best trials
+        raise UsageError(
+            f"--warm-start {spec}: names this study itself; name another study of the "
+            "storage, whose best configurations this one starts from"
+        )
     other = load_study(name, storage_url)
     used = warm_start(study, other, space, k=k)
     log.info("warm start: %d configuration(s) of study '%s' considered", len(used), name)

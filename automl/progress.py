@@ -143,13 +143,32 @@ class LogFileObserver(PlainObserver):
         except OSError as exc:  # closed in __exit__
             raise UsageError(f"cannot open --log-file {path}: {exc.strerror}") from None
         super().__init__(stream)
+        self.path = Path(path)
 
     def __exit__(self, *exc: object) -> None:
         self.stream.close()
 
     def _line(self, text: str) -> None:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self._follow_rotation()
         print(f"{stamp} {text}", file=self.stream, flush=True)
+
+    def _follow_rotation(self) -> None:
+        """Reopen the path when the file was moved or removed under the run (logrotate
+        without copytruncate): the lines go on to the path, not to the moved file."""
+        try:
+            here = os.stat(self.path)
+            same = os.path.samestat(here, os.fstat(self.stream.fileno()))
+        except OSError:
+            same = False
+        if same:
+            return
+        try:
+            stream = self.path.open("a", encoding="utf-8", buffering=1)
+        except OSError:  # keep writing where we can
+            return
+        self.stream.close()
+        self.stream = stream
 
     def run_started(self, study: optuna.Study, target: int | None) -> None:
         goal = f"{target} trial(s)" if target is not None else "until the timeout"

@@ -365,3 +365,18 @@ def test_names_and_paths_print_as_typed_and_studies_never_cuts_a_name(
     assert saved.exit_code == 0 and f"saved {out}" in " ".join(saved.stdout.split())
     gone = _run("delete", name, "--yes", "--storage", storage_url)
     assert gone.exit_code == 0 and f"deleted study '{name}'" in gone.stdout
+
+
+def test_run_json_writes_its_document_when_every_trial_fails(
+    tmp_path: Path, storage_url: str
+) -> None:
+    space = tmp_path / "fail.yaml"
+    space.write_text(  # 3e6 x 3e6 weights: every trial fails to allocate, at once
+        "data: {dataset: iris}\ntrain: {epochs: 1}\nspace: {hidden_units: 3000000, n_layers: 2}\n"
+    )
+    result = _run("run", str(space), "--n-trials", "2", "--storage", storage_url, "--json")
+    assert result.exit_code == 1
+    doc = json.loads(result.stdout)
+    assert doc["n_failed"] == 2 and doc["n_complete"] == 0 and doc["best"] is None
+    assert doc["stop_reason"].startswith("every trial failed")
+    assert "error: every trial failed" in result.stderr

@@ -502,10 +502,12 @@ def test_a_second_signal_inside_a_storage_write_exits_as_the_write_ends(
     again = GracefulStop()
     with pytest.raises(StopRequested), again.protected():
         again._handle(signal.SIGTERM, None)
-        again._handle(signal.SIGTERM, None)
+        again._handle(signal.SIGTERM, None)  # the same stop twice (systemd and a parent)
+        assert again._exit_after is None
+        again._handle(signal.SIGINT, None)  # a second request: held
         again._handle(signal.SIGINT, None)  # a third: at once
         assert exits == [130, 130]
-    assert exits == [130, 130, 143]  # (os._exit stubbed: the held one follows)
+    assert exits == [130, 130, 130]  # (os._exit stubbed: the held one follows)
 
 
 def test_sighup_stops_a_run_as_sigterm_unless_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -938,3 +940,31 @@ def test_a_retry_keeps_only_the_reports_its_checkpoint_covers_and_is_not_judged_
     hook(1, {"val_accuracy": 0.1})  # inherited: not judged again (0.1 would be pruned)
     with pytest.raises(optuna.TrialPruned, match=r"pruned at epoch 3 with val_accuracy=0\.5"):
         hook(2, {"val_accuracy": 0.5})
+
+
+def test_the_log_file_follows_a_rotation(tmp_path: Path) -> None:
+    """logrotate moves the file: the run's later lines went on into the moved file."""
+    from automl.progress import LogFileObserver
+
+    path = tmp_path / "logs" / "cron.log"
+    observer = LogFileObserver(path)
+    with observer:
+        observer._line("before")
+        path.rename(tmp_path / "logs" / "cron.log.1")
+        observer._line("after the move")
+        observer._line("and on")
+        path.unlink()
+        observer._line("after a removal")
+    assert "before" in (tmp_path / "logs" / "cron.log.1").read_text()
+    assert "after" not in (tmp_path / "logs" / "cron.log.1").read_text()
+    assert path.read_text().splitlines()[0].endswith(" after a removal")
+
+
+def test_warm_start_from_the_study_itself_is_refused(tiny_space: Path, storage_url: str) -> None:
+    args = ["run", str(tiny_space), "--n-trials", "1", "--storage", storage_url]
+    assert runner.invoke(app, args).exit_code == 0
+    refused = runner.invoke(app, [*args, "--warm-start", "tiny"])
+    assert refused.exit_code == 2
+    assert "--warm-start tiny: names this study itself" in refused.stderr
+    study = optuna.load_study(study_name="tiny", storage=storage_url)
+    assert _states(study) == ["COMPLETE"]  # nothing queued
