@@ -32,7 +32,9 @@ def describe_trial(trial: FrozenTrial) -> str:
     if trial.values is not None and state == "complete":
         value = ", ".join(f"{v:.4g}" for v in trial.values)
     else:
-        value = trial.user_attrs.get("fail_reason") or trial.user_attrs.get("prune_reason") or "-"
+        from automl.results import trial_note
+
+        value = trial_note(trial) or "-"  # (a heartbeat failure: "no heartbeat (killed?)")
     return f"trial {trial.number} {state} value={value} in {seconds:.2f}s"
 
 
