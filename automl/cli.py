@@ -484,12 +484,16 @@ def run(
         try:
             with observer:
                 summary = run_study(space, options, TeeObserver(observer, catcher))
-        except AutomlError as exc:
-            if as_json and catcher.summary is not None:
-                # A run that fails (every trial failed, a signal) still writes its one
-                # JSON document: cron and scripts read the counts and the reason.
-                catcher.summary.stop_reason = str(exc)
-                _print_json(_run_doc(name, url, catcher.summary))
+        except (AutomlError, KeyboardInterrupt) as exc:
+            if as_json:
+                # A run that fails (bad data, every trial failed, a signal, even before
+                # its first trial) still writes its one JSON document: cron and scripts
+                # read the counts and the reason.
+                from automl.studies import RunSummary
+
+                done = catcher.summary or RunSummary(study_name=name, storage=mask_url(url))
+                done.stop_reason = str(exc) or "interrupted"
+                _print_json(_run_doc(name, url, done))
             raise
     from automl.studies import load_study
 
@@ -651,8 +655,13 @@ def studies(storage: StorageOpt = None, as_json: JsonOpt = False) -> None:
         "best value": 10,
         "created": 16,
     }
-    if sum(width.values()) + 3 * len(width) + 1 > out.width:
-        del width["created"]  # a narrow terminal: the date goes first
+    width["name"] = min(longest, 24)  # (room to keep for the name before any column goes)
+    for dropped in ("created", "direction", "complete", "best value"):
+        if sum(width.values()) + 3 * len(width) + 1 <= out.width:
+            break
+        del width[dropped]  # a narrow terminal: the name stays, the others give way
+    rest = sum(w for col, w in width.items() if col != "name") + 3 * len(width) + 1
+    width["name"] = max(4, min(longest, out.width - rest))
     for col, least in width.items():
         table.add_column(
             col,
@@ -662,15 +671,15 @@ def studies(storage: StorageOpt = None, as_json: JsonOpt = False) -> None:
             min_width=least,
         )
     for r in rows:
-        cells = [
-            r.name,
-            ", ".join(r.directions),
-            str(r.n_trials),
-            str(r.n_complete),
-            format_value(r.best_value),
-            (r.created or "").replace("T", " ")[:16],
-        ]
-        table.add_row(*cells[: len(width)])
+        cells = {
+            "name": r.name,
+            "direction": ", ".join(r.directions),
+            "trials": str(r.n_trials),
+            "complete": str(r.n_complete),
+            "best value": format_value(r.best_value),
+            "created": (r.created or "").replace("T", " ")[:16],
+        }
+        table.add_row(*(cells[col] for col in width))
     out.print(table)
 
 

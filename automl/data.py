@@ -82,7 +82,21 @@ class Preprocessor:
                 self.categorical.append(str(col))
         self.medians, self.means, self.scales = [], [], []
         if self.numeric:
-            self.fit_values(self.numeric, _numeric_block(frame, self.numeric, self.dates))
+            values = _numeric_block(frame, self.numeric, self.dates)
+            for col in self.dates:
+                lost = int(
+                    (
+                        frame[col].notna().to_numpy() & np.isnan(values[:, self.numeric.index(col)])
+                    ).sum()
+                )
+                if lost:
+                    log.warning(
+                        "column '%s' holds dates, but %d value(s) are not dates; they are "
+                        "read as missing",
+                        col,
+                        lost,
+                    )
+            self.fit_values(self.numeric, values)
         self.modes, self.categories = [], []
         if self.categorical:
             for col in self.categorical:
@@ -164,11 +178,12 @@ class Preprocessor:
             for col, count, big in zip(self.numeric, lost, too_large, strict=True):
                 if count:
                     log.warning(
-                        "%s: %d value(s) of numeric column '%s' are not numbers; they "
-                        "are read as missing",
+                        "%s: %d value(s) of %s column '%s' are not %s; they are read as missing",
                         warn,
                         count,
+                        "date" if col in self.dates else "numeric",
                         col,
+                        "dates" if col in self.dates else "numbers",
                     )
                 if big:
                     log.warning(
@@ -491,8 +506,12 @@ def _date_days(series: pd.Series) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # (pandas on mixed formats)
         stamps = pd.to_datetime(series, errors="coerce", utc=True, format="ISO8601")
-    days = (stamps - pd.Timestamp(0, tz="UTC")).dt.total_seconds() / 86400.0
-    return days.to_numpy(dtype=np.float64, na_value=np.nan)
+    # In whole seconds, not pandas' nanoseconds: 9999-12-31 ("no end date") and year 1
+    # are dates too, outside what a nanosecond timestamp holds (1677-2262).
+    moments = np.asarray(stamps.dt.tz_convert(None).to_numpy())
+    seconds = moments.astype("datetime64[s]").astype(np.int64).astype(np.float64)
+    seconds[np.isnat(moments)] = np.nan
+    return seconds / 86400.0
 
 
 def _text_series(series: pd.Series) -> pd.Series:

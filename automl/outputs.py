@@ -42,6 +42,16 @@ def study_files(study: optuna.Study, storage_url: str | None) -> list[tuple[Path
         files.append((Path(attrs["data_path"]), "the study's data file"))
     if attrs.get("space_file"):
         files.append((Path(attrs["space_file"]), "the study's space file"))
+    try:  # the other studies of the storage: their data and space files too
+        others = [s for s in study._storage.get_all_studies() if s.study_name != study.study_name]
+    except Exception:  # (a storage that cannot list them: this study's files are enough)
+        others = []
+    for other in others:
+        for key, what in (("data_path", "data file"), ("space_file", "space file")):
+            if other.user_attrs.get(key):
+                files.append(
+                    (Path(other.user_attrs[key]), f"the {what} of study '{other.study_name}'")
+                )
     for trial in study.get_trials(deepcopy=False):
         weights = trial.user_attrs.get("weights_path")
         if weights:

@@ -1327,6 +1327,10 @@ def merge_flags(raw: dict[str, Any] | None, flags: dict[str, Any]) -> dict[str, 
     for key, value in (flags.get("space") or {}).items():
         if key in ("optimizer", "loss"):
             names = value if isinstance(value, list) else [value]
+            if len(set(map(str, names))) != len(names):  # as in a space file
+                raise SpaceError(
+                    f"--{key}: choices repeat a value, got {','.join(map(str, names))}"
+                )
             old = space.get(key)
             old_map = old if isinstance(old, dict) else {}
             space[key] = {str(n): old_map.get(n) or {} for n in names}

@@ -380,3 +380,20 @@ def test_run_json_writes_its_document_when_every_trial_fails(
     assert doc["n_failed"] == 2 and doc["n_complete"] == 0 and doc["best"] is None
     assert doc["stop_reason"].startswith("every trial failed")
     assert "error: every trial failed" in result.stderr
+
+
+def test_run_json_writes_its_document_for_bad_data_and_a_repeated_optimizer_flag(
+    tmp_path: Path, storage_url: str
+) -> None:
+    missing = tmp_path / "nosuch.csv"
+    result = _run(
+        "run", "--data", str(missing), "--target", "y", "--storage", storage_url, "--json"
+    )
+    assert result.exit_code == 2
+    doc = json.loads(result.stdout)
+    assert doc["n_complete"] == 0 and "no such data file" in doc["stop_reason"]
+    twice = _run("run", "--dataset", "iris", "--optimizer", "adam,adam", "--storage", storage_url)
+    assert (
+        twice.exit_code == 2
+        and "--optimizer: choices repeat a value, got adam,adam" in twice.stderr
+    )

@@ -658,3 +658,21 @@ def test_dates_are_days_not_categories(tmp_path: Path) -> None:
     assert out[0, 0] > out[1, 0] and out[0, 0] > data.X_train[:, 0].max()
     # Text that is not ISO dates stays text.
     assert not Preprocessor().fit(pd.DataFrame({"d": ["03/04/2024"] * 10})).dates
+
+
+def test_dates_outside_pandas_nanoseconds_and_non_dates_in_a_date_column(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """9999-12-31 ("no end date") crashed the run: pandas' nanosecond timestamps end in
+    2262. Text that is not a date in a date column is missing, with a warning."""
+    rng = np.random.default_rng(1)
+    days = pd.Timestamp("2024-01-01") + pd.to_timedelta(rng.integers(0, 900, 200), unit="D")
+    frame = pd.DataFrame({"end": days.strftime("%Y-%m-%d"), "y": rng.integers(0, 2, 200)})
+    frame.loc[5, "end"] = "9999-12-31"
+    frame.loc[6, "end"] = "0001-01-01"
+    frame.loc[7, "end"] = "unknown"
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    with caplog.at_level("WARNING"):
+        data = load_dataset(DataSpec(path=str(tmp_path / "d.csv"), target="y"))
+    assert data.preprocessor.dates == ["end"] and np.isfinite(data.X_train).all()
+    assert "column 'end' holds dates, but 1 value(s) are not dates" in caplog.text

@@ -9,12 +9,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pandas as pd
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from automl.cli import app
+from automl.errors import UsageError
 from automl.retrain import load_model_file, predict_frame, trial_config
 from automl.spaces import TrialConfig, load_space
 from automl.studies import RunOptions, load_study, run_study
@@ -681,3 +683,16 @@ space:
         assert load_model_file(Path("r.pt")).preprocessor.categories == [["blue", "red"]]
     finally:
         os.chdir(old)
+
+
+def test_no_output_is_written_over_another_studys_data_file(tmp_path: Path) -> None:
+    from automl.outputs import refuse_overwrite, study_files
+
+    storage = optuna.storages.InMemoryStorage()
+    mine = optuna.create_study(storage=storage, study_name="mine")
+    other = optuna.create_study(storage=storage, study_name="other")
+    other.set_user_attr("data_path", str(tmp_path / "theirs.csv"))
+    files = study_files(mine, f"sqlite:///{tmp_path / 's.db'}")
+    with pytest.raises(UsageError, match="is the data file of study 'other'"):
+        refuse_overwrite(tmp_path / "theirs.csv", files)
+    refuse_overwrite(tmp_path / "new.csv", files)  # anything else is fine
