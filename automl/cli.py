@@ -491,9 +491,10 @@ def run(
                 # read the counts and the reason.
                 from automl.studies import RunSummary
 
+                started = catcher.summary is not None  # (else the storage may not answer)
                 done = catcher.summary or RunSummary(study_name=name, storage=mask_url(url))
                 done.stop_reason = str(exc) or "interrupted"
-                _print_json(_run_doc(name, url, done))
+                _print_json(_run_doc(name, url, done, load=started))
             raise
     from automl.studies import load_study
 
@@ -570,13 +571,15 @@ class _SummaryCatcher:
         self.summary = summary
 
 
-def _run_doc(name: str, url: str, summary: Any, study: Any = None) -> dict[str, Any]:
-    """``run --json``'s document."""
+def _run_doc(
+    name: str, url: str, summary: Any, study: Any = None, *, load: bool = True
+) -> dict[str, Any]:
+    """``run --json``'s document (``best`` from ``study``, else loaded when ``load``)."""
     from automl.results import best_summary
     from automl.storage import mask_url
     from automl.studies import load_study
 
-    if study is None:
+    if study is None and load:
         try:
             study = load_study(name, url)
         except Exception:  # the storage itself failed: the counts still go out
