@@ -651,14 +651,13 @@ def studies(storage: StorageOpt = None, as_json: JsonOpt = False) -> None:
     # The name is what the other commands take: never cut; the date gives way first.
     longest = max(len(r.name) for r in rows)
     width = {
-        "name": max(4, min(longest, out.width - 50)),
+        "name": min(longest, 24),  # (room kept for the name before any column goes)
         "direction": 9,
         "trials": 6,
         "complete": 8,
         "best value": 10,
         "created": 16,
     }
-    width["name"] = min(longest, 24)  # (room to keep for the name before any column goes)
     for dropped in ("created", "direction", "complete", "best value"):
         if sum(width.values()) + 3 * len(width) + 1 <= out.width:
             break

@@ -83,12 +83,9 @@ class Preprocessor:
         self.medians, self.means, self.scales = [], [], []
         if self.numeric:
             values = _numeric_block(frame, self.numeric, self.dates)
+            unread = dict(zip(self.numeric, _unread(frame, self.numeric, values), strict=True))
             for col in self.dates:
-                lost = int(
-                    (
-                        frame[col].notna().to_numpy() & np.isnan(values[:, self.numeric.index(col)])
-                    ).sum()
-                )
+                lost = int(unread[col])
                 if lost:
                     log.warning(
                         "column '%s' holds dates, but %d value(s) are not dates; they are "
@@ -164,7 +161,7 @@ class Preprocessor:
         for first in range(0, n if k else 0, TRANSFORM_ROWS):
             rows = frame.iloc[first : first + TRANSFORM_ROWS]
             values = _numeric_block(rows, self.numeric, self.dates)
-            lost += (rows[self.numeric].notna().to_numpy() & np.isnan(values)).sum(axis=0)
+            lost += _unread(rows, self.numeric, values)
             with np.errstate(over="ignore"):  # an overflow is caught just below
                 scaled = self.scale_values(values)
             # A value far outside what training saw (1e300 where the column held units)
@@ -347,8 +344,6 @@ def fit_numeric(values: np.ndarray) -> tuple[list[float], list[float], list[floa
     for an empty column), then the mean and scale of the column with its median filled
     in (scale 1 for a constant column). As scikit-learn's SimpleImputer(strategy="median",
     keep_empty_features=True) and StandardScaler compute them, operation for operation."""
-    import warnings
-
     with warnings.catch_warnings():  # ("All-NaN slice": an empty column, 0 below)
         warnings.simplefilter("ignore", RuntimeWarning)
         # The median of what is present, as np.ma.median gives it, 10x faster.
@@ -495,7 +490,7 @@ def _is_date_column(series: pd.Series) -> bool:
     sample = series.dropna().astype(str).str.strip().head(1000)
     if len(sample) < 5 or sample.str.match(_ISO_DATE).mean() < 0.95:
         return False
-    return bool(_date_days(sample).size and np.isfinite(_date_days(sample)).mean() >= 0.95)
+    return bool(np.isfinite(_date_days(sample)).mean() >= 0.95)
 
 
 def _date_days(series: pd.Series) -> np.ndarray:
@@ -514,6 +509,12 @@ def _date_days(series: pd.Series) -> np.ndarray:
     return seconds / 86400.0
 
 
+def _unread(frame: pd.DataFrame, columns: list[str], values: np.ndarray) -> np.ndarray:
+    """Per column, the values given in ``frame`` that ``values`` (its _numeric_block)
+    could not read: text in a numeric column, not a date in a date column, infinities."""
+    return (frame[columns].notna().to_numpy() & np.isnan(values)).sum(axis=0)
+
+
 def _text_series(series: pd.Series) -> pd.Series:
     """A categorical column as strings (as ``_text_block`` writes them), NaN missing."""
     present = series.notna()
@@ -524,11 +525,7 @@ def _text_block(frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
     """Categorical columns as an object array of strings, NaN where missing."""
     block = np.empty((len(frame), len(columns)), dtype=object)
     for j, col in enumerate(columns):
-        series = frame[col]
-        present = series.notna().to_numpy()
-        column = np.full(len(series), np.nan, dtype=object)
-        column[present] = series[present].astype(str).to_numpy()
-        block[:, j] = column
+        block[:, j] = _text_series(frame[col]).to_numpy(dtype=object, na_value=np.nan)
     return block
 
 
@@ -690,7 +687,7 @@ def read_table(
                 line = 2 if header else 1
                 raise DataError(
                     f"{p}: cannot read the data file: line {line} has more fields than "
-                    f"the {frame.shape[1]} the header names{_parse_hint('Expected fields')}"
+                    f"the {frame.shape[1]} the header names{RAGGED_HINT}"
                 )
             if frame.empty:
                 raise DataError(f"{p}: has a header but no rows")
@@ -777,13 +774,17 @@ def _binary_kind(p: Path) -> str | None:
     return BINARY_KINDS.get(head)
 
 
+# What to do about a row whose fields do not match the header's.
+RAGGED_HINT = (
+    "; every row needs as many fields as the header: quote values that hold the "
+    "delimiter, or check the file's delimiter"
+)
+
+
 def _parse_hint(message: str) -> str:
     """What to do about pandas' CSV parser errors."""
     if "Expected" in message and "fields" in message:
-        return (
-            "; every row needs as many fields as the header: quote values that hold the "
-            "delimiter, or check the file's delimiter"
-        )
+        return RAGGED_HINT
     if "EOF inside string" in message or "EOF in" in message:
         return '; a quote (") is opened and never closed: close it, or remove it'
     return ""

@@ -374,32 +374,37 @@ def check_stored_space(storage: Any, space: Space, study_name: str, *, allow: bo
 def optuna_conflicts(old_raw: Any, new: Space) -> list[str]:
     """Changes Optuna refuses within one study (every trial would fail): a categorical's
     choices, a range's int/float kind or its log scale."""
-    from automl.spaces import Categorical, Fixed, Range, distributions, parse_stored_space
+    from automl.spaces import distributions, parse_stored_space
 
     try:
         old = parse_stored_space(old_raw, file="(stored space)")
     except AutomlError:  # written by another version: nothing to compare with
         return []
     before, after = distributions(old), distributions(new)
-    out = []
-    for name in sorted(before.keys() & after.keys()):
-        a, b = before[name], after[name]
-        if isinstance(a, Fixed) or isinstance(b, Fixed):
-            continue
-        if isinstance(a, Categorical) and isinstance(b, Categorical):
-            if list(a.choices) != list(b.choices):
-                out.append(f"{name}: choices {list(a.choices)} -> {list(b.choices)}")
-        elif isinstance(a, Range) and isinstance(b, Range):
-            if a.kind != b.kind or a.log != b.log:
-                out.append(f"{name}: {a.describe()} -> {b.describe()}")
-        else:
-            out.append(f"{name}: {a.describe()} -> {b.describe()}")
-    return out
+    found = (_conflict(name, before[name], after[name]) for name in before.keys() & after.keys())
+    return sorted(c for c in found if c is not None)
+
+
+def _conflict(name: str, a: Any, b: Any, where: str = "") -> str | None:
+    """Why Optuna refuses ``b`` for ``name`` in a study that sampled it from ``a`` (one
+    set of choices, one int/float kind, one log scale), or None; ``where`` says where
+    ``a`` comes from. A fixed value is never sampled: no conflict."""
+    from automl.spaces import Categorical, Fixed, Range
+
+    if isinstance(a, Fixed) or isinstance(b, Fixed):
+        return None
+    if isinstance(a, Categorical) and isinstance(b, Categorical):
+        if list(a.choices) == list(b.choices):
+            return None
+        return f"{name}: choices {list(a.choices)}{where} -> {list(b.choices)}"
+    if isinstance(a, Range) and isinstance(b, Range) and (a.kind, a.log) == (b.kind, b.log):
+        return None
+    return f"{name}: {a.describe()}{where} -> {b.describe()}"
 
 
 def trial_conflicts(study: optuna.Study, new: Space) -> list[str]:
     """The parameters whose distribution in ``new`` Optuna would refuse next to the one
-    an earlier trial sampled them from (the same rules as ``optuna_conflicts``)."""
+    an earlier trial sampled them from (the rules of ``optuna_conflicts``)."""
     from optuna.distributions import CategoricalDistribution, IntDistribution
 
     from automl.spaces import Categorical, Range, distributions
@@ -409,22 +414,23 @@ def trial_conflicts(study: optuna.Study, new: Space) -> list[str]:
     checked: set[tuple[str, str]] = set()
     for trial in study.get_trials(deepcopy=False):
         for name, dist in trial.distributions.items():
-            b = after.get(name)
             key = (name, repr(dist))
-            if name in out or key in checked or not isinstance(b, (Categorical, Range)):
+            if name in out or key in checked or name not in after:
                 continue
             checked.add(key)
-            if isinstance(dist, CategoricalDistribution):
-                stored = f"choices {list(dist.choices)}"
-                fits = isinstance(b, Categorical) and list(dist.choices) == list(b.choices)
-            else:
-                kind = "int" if isinstance(dist, IntDistribution) else "float"
-                log = bool(getattr(dist, "log", False))
-                low, high = getattr(dist, "low", 0), getattr(dist, "high", 0)
-                stored = f"{kind} {low:g}..{high:g}{', log' if log else ''}"
-                fits = isinstance(b, Range) and b.kind == kind and b.log == log
-            if not fits:
-                out[name] = f"{name}: {stored} in trial #{trial.number} -> {b.describe()}"
+            sampled: Any = (
+                Categorical(tuple(dist.choices))
+                if isinstance(dist, CategoricalDistribution)
+                else Range(
+                    dist.low,  # type: ignore[attr-defined]
+                    dist.high,  # type: ignore[attr-defined]
+                    "int" if isinstance(dist, IntDistribution) else "float",
+                    bool(getattr(dist, "log", False)),
+                )
+            )
+            why = _conflict(name, sampled, after[name], f" in trial #{trial.number}")
+            if why is not None:
+                out[name] = why
     return [out[name] for name in sorted(out)]
 
 

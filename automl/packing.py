@@ -56,6 +56,7 @@ from automl.training import (
     TrainResult,
     TrialDiverged,
     compute_metrics_stacked,
+    forward_in_chunks,
     objective_value,
     scheduled_lr,
     seed_torch,
@@ -1430,9 +1431,7 @@ def _validate(model: FusedMLP, data: DeviceData) -> torch.Tensor:
     rows at a time (each block holds K members' activations: it shrinks as K grows)."""
     x = data.X_val.reshape(data.X_val.shape[0], -1)
     rows = max(256, EVAL_ACTIVATIONS // (model.flat.shape[0] * model.width))
-    if len(x) <= rows:  # (every small validation set: one pass, the same numbers)
-        return model.forward(x)
-    return torch.cat([model.forward(x[i : i + rows]) for i in range(0, len(x), rows)], dim=2)
+    return forward_in_chunks(model.forward, x, dim=2, rows=rows)
 
 
 def _epoch_metrics(

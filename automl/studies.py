@@ -709,8 +709,8 @@ class _Run:
     target: int | None
     started: float = field(default_factory=time.monotonic)
     consecutive_failures: int = 0
-    interrupted: str = ""  # what happened to the trial(s) a signal stopped
-    retried: list[tuple[int, int, int]] = field(default_factory=list)  # (trial, copy, epochs)
+    # The trials a signal stopped, each (number, its queued copy, epochs checkpointed).
+    retried: list[tuple[int, int, int]] = field(default_factory=list)
     pack_pool: Any = None  # pack_pool.Pool: helper processes that train --pack pieces
 
     def stop_reason(self) -> str | None:
@@ -865,7 +865,7 @@ def _run_study(
                     f"{summary.n_complete} complete, {summary.n_pruned} pruned, "
                     f"{summary.n_failed} failed"
                 )
-                what = f"; {run.interrupted}" if run.interrupted else ""
+                what = f"; {_interrupted_text(run.retried)}" if run.retried else ""
                 summary.stop_reason = f"interrupted by {name}{what}; this run: {counts}"
                 raise RunInterrupted(summary.stop_reason, stop.signum) from None
     except BaseException as exc:
@@ -1032,7 +1032,6 @@ def _tell(
         epochs = checkpoint.last_epoch or checkpoint.resumed_from_epoch or 0
         number = retry_later(study, frozen, epochs=epochs)
         run.retried.append((frozen.number, number, epochs))
-        run.interrupted = _interrupted_text(run.retried)
     else:
         checkpoint.remove()
     if previous_best:

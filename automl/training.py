@@ -513,12 +513,14 @@ def validation_step(model: nn.Module, data: DeviceData) -> dict[str, float]:
 EVAL_VALUES = 2**22
 
 
-def forward_in_chunks(model: Any, x: torch.Tensor, *, dim: int = 0) -> torch.Tensor:
-    """``model(x)`` in evaluation, a block of rows at a time where ``x`` is large (what
-    fits in one block, as every small validation set, is one pass: the same numbers);
-    the outputs joined along ``dim``."""
-    per_row = max(1, x[0].numel())
-    rows = max(256, EVAL_VALUES // per_row)
+def forward_in_chunks(
+    model: Any, x: torch.Tensor, *, dim: int = 0, rows: int | None = None
+) -> torch.Tensor:
+    """``model(x)`` in evaluation, ``rows`` rows at a time (by default as many as hold
+    EVAL_VALUES inputs) where ``x`` is large (what fits in one block, as every small
+    validation set, is one pass: the same numbers); the outputs joined along ``dim``."""
+    if rows is None:
+        rows = max(256, EVAL_VALUES // max(1, x[0].numel()))
     if len(x) <= rows:
         return model(x)
     return torch.cat([model(x[i : i + rows]) for i in range(0, len(x), rows)], dim=dim)

@@ -31,8 +31,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Set in each child: its index (0..N-1), used to give every worker its own sampler seed.
-WORKERS_ENV = "AUTOML_WORKERS"  # how many workers this machine's run started
 WORKER_INDEX_ENV = "AUTOML_WORKER_INDEX"
+WORKERS_ENV = "AUTOML_WORKERS"  # and how many workers this machine's run started
 POLL_SECONDS = 1.0
 # `run` options the parent handles itself (the budget is split, the URL travels in the
 # environment, the study is named explicitly, a warm start is enqueued once).
